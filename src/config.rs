@@ -1,0 +1,225 @@
+//! Configuration: one struct whose `Default` runs with no file.
+//!
+//! Layers, later winning: defaults, an optional TOML file, `TIDINGS_*` environment
+//! variables, command-line flags. Every key of the file is also an environment variable:
+//! `max_queued_bytes` is `TIDINGS_MAX_QUEUED_BYTES`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Gateway settings. Each limit states the trade-off it makes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`: loopback until an operator opens it.
+    pub listen: SocketAddr,
+    /// Most WebSocket connections at once; an upgrade beyond it gets 503 with `Retry-After`.
+    /// Each idle connection costs well under 1 KiB of gateway memory plus the kernel's
+    /// socket buffers, so the file-descriptor limit is usually the real bound.
+    pub max_connections: usize,
+    /// Largest inbound message (after reassembly), in bytes; larger closes with 1009.
+    /// Client messages are small requests; 64 KiB bounds what a peer can make us buffer.
+    pub max_message_bytes: usize,
+    /// Largest HTTP publish body, in bytes; larger is refused with 413. Every subscriber's
+    /// frame shares one copy, so this bounds memory per publication, not per subscriber.
+    pub max_publish_bytes: usize,
+    /// Most bytes queued for one connection whose socket is full; past it the connection is
+    /// closed with 1013 so a slow consumer never slows the publisher or other subscribers.
+    /// Queued frames are shared, so this is an upper bound, not a per-connection cost.
+    pub max_queued_bytes: usize,
+    /// Most subscriptions (topics plus patterns) per connection.
+    pub max_subscriptions: usize,
+    /// Origins allowed to open WebSockets (exact match). Empty allows any Origin, which suits
+    /// service clients; browsers facing the public internet should list their origins.
+    pub allowed_origins: Vec<String>,
+    /// Fan-out threads, each writing to its own share of the connections. 0 means one per
+    /// core, so one publication's fan-out uses every core.
+    pub fanout_threads: usize,
+    /// Serve `GET /echo`, a WebSocket echo on the same frame code, for conformance suites.
+    /// Its message limit is 16 MiB. Off by default.
+    pub echo: bool,
+    /// How long a closing connection waits for the peer's close frame before dropping it.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    /// How long to drain connections on shutdown before dropping what is left.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 100_000,
+            max_message_bytes: 64 * 1024,
+            max_publish_bytes: 1024 * 1024,
+            max_queued_bytes: 1024 * 1024,
+            max_subscriptions: 1024,
+            allowed_origins: Vec::new(),
+            fanout_threads: 0,
+            echo: false,
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        impl Config {
+            $(
+                $(#[$doc])*
+                pub fn $field(mut self, value: $ty) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`Config::listen`].
+    listen: SocketAddr,
+    /// Sets [`Config::max_connections`].
+    max_connections: usize,
+    /// Sets [`Config::max_message_bytes`].
+    max_message_bytes: usize,
+    /// Sets [`Config::max_publish_bytes`].
+    max_publish_bytes: usize,
+    /// Sets [`Config::max_queued_bytes`].
+    max_queued_bytes: usize,
+    /// Sets [`Config::max_subscriptions`].
+    max_subscriptions: usize,
+    /// Sets [`Config::allowed_origins`].
+    allowed_origins: Vec<String>,
+    /// Sets [`Config::fanout_threads`].
+    fanout_threads: usize,
+    /// Sets [`Config::echo`].
+    echo: bool,
+    /// Sets [`Config::close_timeout`].
+    close_timeout: Duration,
+    /// Sets [`Config::shutdown_timeout`].
+    shutdown_timeout: Duration,
+}
+
+/// A configuration that could not be loaded; the message names the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file, an environment variable or a flag has a bad key or value.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Environment variables that are read elsewhere, not configuration keys.
+const NON_KEY_VARS: &[&str] = &["TIDINGS_CONFIG", "TIDINGS_LOG"];
+
+impl Config {
+    /// Builds the configuration from defaults, `file`, `TIDINGS_*` variables of `env`, then
+    /// `overrides` (`key = value` pairs from flags), later layers winning.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, toml::Value)],
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigError::Invalid(format!("{}: {}", path.display(), e.message()))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("TIDINGS_") else {
+                continue;
+            };
+            if NON_KEY_VARS.contains(&name.as_str()) {
+                continue;
+            }
+            table.insert(key.to_ascii_lowercase(), env_value(&value));
+        }
+        for (key, value) in overrides {
+            table.insert(key.clone(), value.clone());
+        }
+        Config::deserialize(table).map_err(|e| ConfigError::Invalid(e.message().to_owned()))
+    }
+}
+
+/// An environment value as TOML when it parses as a TOML value (numbers, booleans, arrays),
+/// else as a plain string (addresses, durations).
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_in_order() {
+        let dir = std::env::temp_dir().join(format!("tidings-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nmax_subscriptions = 5\nclose_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("TIDINGS_MAX_SUBSCRIPTIONS".to_string(), "6".to_string()),
+            (
+                "TIDINGS_ALLOWED_ORIGINS".to_string(),
+                "[\"https://a\"]".to_string(),
+            ),
+            ("TIDINGS_LOG".to_string(), "debug".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let flags = vec![("listen".to_string(), toml::Value::from("127.0.0.1:9001"))];
+        let c = Config::load(Some(&file), env, &flags).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(c.max_subscriptions, 6);
+        assert_eq!(c.allowed_origins, vec!["https://a".to_string()]);
+        assert_eq!(c.close_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_message_bytes, Config::default().max_message_bytes);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::load(
+            None,
+            vec![("TIDINGS_MAX_SUBSCRIPTION".into(), "1".into())],
+            &[],
+        );
+        assert!(e.unwrap_err().to_string().contains("max_subscription"));
+        let e = Config::load(
+            None,
+            vec![("TIDINGS_MAX_SUBSCRIPTIONS".into(), "many".into())],
+            &[],
+        );
+        assert!(e.unwrap_err().to_string().contains("invalid type"));
+        assert_eq!(
+            Config::load(None, Vec::new(), &[]).unwrap(),
+            Config::default()
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! Subscription index of one shard: exact topics in a hash map, patterns in a segment trie.
+//!
+//! Matching a publication costs one hash lookup plus a walk of the trie along the topic's
+//! segments (each level tries the literal child and the `*` child and collects `**`
+//! subscribers), independent of how many patterns other connections hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::topic::{Pattern, Segment};
+
+/// A connection's position in its shard's slab.
+pub type SlotId = u32;
+
+/// Subscribers of exact topics and of patterns, by slab slot.
+#[derive(Debug, Default)]
+pub struct Index {
+    exact: HashMap<Arc<str>, Vec<SlotId>>,
+    patterns: Node,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    literal: HashMap<Box<str>, Node>,
+    any: Option<Box<Node>>,
+    /// Patterns that end at this node.
+    here: Vec<SlotId>,
+    /// Patterns that end with `**` after this node's segments.
+    rest: Vec<SlotId>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty()
+            && self.any.is_none()
+            && self.here.is_empty()
+            && self.rest.is_empty()
+    }
+}
+
+impl Index {
+    /// Adds `slot` as a subscriber of `topic`.
+    pub fn add_topic(&mut self, topic: &Arc<str>, slot: SlotId) {
+        self.exact.entry(topic.clone()).or_default().push(slot);
+    }
+
+    /// The shared name of `topic` if anyone on this shard subscribes to it.
+    pub fn topic_key(&self, topic: &str) -> Option<Arc<str>> {
+        self.exact.get_key_value(topic).map(|(k, _)| k.clone())
+    }
+
+    /// Removes `slot` from `topic`'s subscribers.
+    pub fn remove_topic(&mut self, topic: &str, slot: SlotId) {
+        if let Some(slots) = self.exact.get_mut(topic) {
+            remove_one(slots, slot);
+            if slots.is_empty() {
+                self.exact.remove(topic);
+            }
+        }
+    }
+
+    /// Adds `slot` as a subscriber of `pattern`.
+    pub fn add_pattern(&mut self, pattern: &Pattern, slot: SlotId) {
+        let mut node = &mut self.patterns;
+        for seg in pattern.segments() {
+            node = match seg {
+                Segment::Literal(lit) => node.literal.entry(lit.clone()).or_default(),
+                Segment::Any => node.any.get_or_insert_with(Default::default),
+                Segment::Rest => {
+                    node.rest.push(slot);
+                    return;
+                }
+            };
+        }
+        node.here.push(slot);
+    }
+
+    /// Removes `slot` from `pattern`'s subscribers, pruning emptied trie nodes.
+    pub fn remove_pattern(&mut self, pattern: &Pattern, slot: SlotId) {
+        fn remove(node: &mut Node, segs: &[Segment], slot: SlotId) {
+            match segs.split_first() {
+                None => remove_one(&mut node.here, slot),
+                Some((Segment::Rest, _)) => remove_one(&mut node.rest, slot),
+                Some((Segment::Any, rest)) => {
+                    if let Some(child) = node.any.as_deref_mut() {
+                        remove(child, rest, slot);
+                        if child.is_empty() {
+                            node.any = None;
+                        }
+                    }
+                }
+                Some((Segment::Literal(lit), rest)) => {
+                    if let Some(child) = node.literal.get_mut(lit) {
+                        remove(child, rest, slot);
+                        if child.is_empty() {
+                            node.literal.remove(lit);
+                        }
+                    }
+                }
+            }
+        }
+        remove(&mut self.patterns, pattern.segments(), slot);
+    }
+
+    /// Calls `f` for every subscriber of `topic`, directly or through patterns.
+    ///
+    /// A slot subscribed several ways is reported once per way; the caller deduplicates.
+    pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(SlotId)) {
+        if let Some(slots) = self.exact.get(topic) {
+            slots.iter().copied().for_each(&mut f);
+        }
+        if self.patterns.is_empty() {
+            return;
+        }
+        // Topics have at most MAX_SEGMENTS segments; collect them without allocating.
+        let mut segs: [&str; crate::topic::MAX_SEGMENTS] = [""; crate::topic::MAX_SEGMENTS];
+        let mut n = 0;
+        for s in topic.split(':') {
+            if n == segs.len() {
+                return;
+            }
+            segs[n] = s;
+            n += 1;
+        }
+        walk(&self.patterns, &segs[..n], &mut f);
+    }
+
+    /// Whether nothing is subscribed.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.patterns.is_empty()
+    }
+}
+
+fn walk(node: &Node, segs: &[&str], f: &mut impl FnMut(SlotId)) {
+    let Some((first, rest)) = segs.split_first() else {
+        node.here.iter().copied().for_each(f);
+        return;
+    };
+    // `**` needs one or more remaining segments; there is at least `first`.
+    node.rest.iter().copied().for_each(&mut *f);
+    if let Some(child) = node.literal.get(*first) {
+        walk(child, rest, f);
+    }
+    if let Some(child) = node.any.as_deref() {
+        walk(child, rest, f);
+    }
+}
+
+fn remove_one(slots: &mut Vec<SlotId>, slot: SlotId) {
+    if let Some(i) = slots.iter().position(|&s| s == slot) {
+        slots.swap_remove(i);
+    }
+    if slots.is_empty() {
+        *slots = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn matches(index: &Index, topic: &str) -> Vec<SlotId> {
+        let mut out = Vec::new();
+        index.for_each_match(topic, |s| out.push(s));
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn exact_and_patterns() {
+        let mut ix = Index::default();
+        ix.add_topic(&Arc::from("a:b"), 1);
+        ix.add_pattern(&Pattern::parse("a:*").unwrap(), 2);
+        ix.add_pattern(&Pattern::parse("a:**").unwrap(), 3);
+        ix.add_pattern(&Pattern::parse("*:b").unwrap(), 4);
+        assert_eq!(matches(&ix, "a:b"), vec![1, 2, 3, 4]);
+        assert_eq!(matches(&ix, "a:c:d"), vec![3]);
+        assert_eq!(matches(&ix, "a"), Vec::<SlotId>::new());
+        ix.remove_pattern(&Pattern::parse("a:**").unwrap(), 3);
+        ix.remove_pattern(&Pattern::parse("a:*").unwrap(), 2);
+        ix.remove_pattern(&Pattern::parse("*:b").unwrap(), 4);
+        ix.remove_topic("a:b", 1);
+        assert!(ix.is_empty());
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("c".to_string())
+        ]
+    }
+
+    fn pattern() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(prop_oneof![segment(), Just("*".to_string())], 1..4),
+            any::<bool>(),
+        )
+            .prop_map(|(mut segs, rest)| {
+                if rest {
+                    segs.push("**".into());
+                }
+                segs.join(":")
+            })
+    }
+
+    proptest! {
+        /// The trie agrees with the reference matcher, and removal leaves nothing behind.
+        #[test]
+        fn trie_agrees_with_reference(
+            patterns in prop::collection::vec(pattern(), 1..20),
+            topics in prop::collection::vec(prop::collection::vec(segment(), 1..5), 1..20),
+        ) {
+            let parsed: Vec<Pattern> = patterns.iter().map(|p| Pattern::parse(p).unwrap()).collect();
+            let mut ix = Index::default();
+            for (i, p) in parsed.iter().enumerate() {
+                ix.add_pattern(p, i as SlotId);
+            }
+            for t in topics {
+                let topic = t.join(":");
+                let want: Vec<SlotId> = parsed.iter().enumerate()
+                    .filter(|(_, p)| p.matches(&topic)).map(|(i, _)| i as SlotId).collect();
+                prop_assert_eq!(matches(&ix, &topic), want, "topic {}", topic);
+            }
+            for (i, p) in parsed.iter().enumerate() {
+                ix.remove_pattern(p, i as SlotId);
+            }
+            prop_assert!(ix.is_empty());
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! tidings: a real-time update gateway.
+//!
+//! Backends publish JSON to topics; tidings fans each publication out to every WebSocket
+//! subscriber of the topic (or of a matching pattern), encoding it once and sharing the
+//! encoded frame among all of them.
+//!
+//! Layout, with dependencies pointing one way (`proto` ← `topic` ← `hub` ← `net`/`http`):
+//! - [`proto`]: sans-IO RFC 6455 handshake validation, frames, close codes, JSON messages;
+//! - [`topic`]: topic names and patterns;
+//! - [`hub`]: the slab-indexed connection registry, subscription index and fan-out threads;
+//! - `net`: the accept loop, hyper connections, upgrade hand-off and per-connection sessions;
+//! - `http`: the HTTP endpoints (publish, health, stats, metrics);
+//! - [`Config`], [`Gateway`]: what an embedder or the `tidings` binary uses.
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! let gateway = tidings::Gateway::new(tidings::Config::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let server = tokio::spawn(gateway.clone().serve(listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! }));
+//! gateway.publish("runs:42", br#"{"status":"running"}"#).expect("valid topic and JSON");
+//! server.await??;
+//! # Ok(())
+//! # }
+//! ```
+
+#![deny(missing_docs)]
+
+mod config;
+mod http;
+pub mod hub;
+mod metrics;
+mod net;
+pub mod proto;
+pub mod topic;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::{Config, ConfigError};
+pub use hub::{PublishError, Published};
+pub use metrics::{ClosedStats, Stats};
+
+/// A running gateway's handle: cheap to clone, shared by the server and embedders.
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    hub: Arc<hub::Hub>,
+}
+
+impl Gateway {
+    /// Creates a gateway (and its fan-out threads) with `config`.
+    pub fn new(config: Config) -> Gateway {
+        Gateway {
+            hub: Arc::new(hub::Hub::new(config)),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        self.hub.config()
+    }
+
+    /// Publishes one JSON value to `topic`, as `POST /v1/topics/{topic}/events` does.
+    ///
+    /// Returns the publication's offset once the fan-out is handed to the fan-out threads;
+    /// it never waits for subscribers.
+    pub fn publish(&self, topic: &str, json: &[u8]) -> Result<Published, PublishError> {
+        let limit = self.hub.config().max_publish_bytes;
+        if json.len() > limit {
+            return Err(PublishError::TooLarge { limit });
+        }
+        let range = proto::message::validate_json(json).map_err(PublishError::InvalidJson)?;
+        self.hub.publish(topic, &json[range])
+    }
+
+    /// A snapshot of the gateway's counters (the body of `GET /stats`).
+    pub fn stats(&self) -> Stats {
+        self.hub.metrics().stats()
+    }
+
+    /// Serves HTTP and WebSocket on `listener` until `shutdown` resolves, then closes every
+    /// connection with 1001 and drains for up to `shutdown_timeout`.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        net::serve(self.hub, listener, shutdown).await
+    }
+}

@@ -1,0 +1,177 @@
+//! Sockets: the accept loop, hyper connections, and the hand-off of upgraded sockets.
+
+mod session;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{error_response, route};
+use crate::hub::{Conn, Hub};
+use crate::proto::{CloseCode, handshake};
+pub use session::{ECHO_MAX_MESSAGE, Mode, Session};
+
+/// Accepts connections on `listener` until `shutdown` resolves, then drains.
+///
+/// Draining stops accepting, sends close 1001 to every WebSocket (after what is already
+/// queued for it), lets HTTP requests in progress finish, and waits up to
+/// `shutdown_timeout` for all of it.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), stop.clone()));
+                }
+                // Out of file descriptors and the like: keep serving what is open.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::task::yield_now().await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: closing connections");
+    hub.begin_shutdown();
+    stop.cancel();
+    hub.close_all(CloseCode::GoingAway, "server shutting down");
+    tracker.close();
+    let drained = tokio::time::timeout(hub.config().shutdown_timeout, tracker.wait()).await;
+    if drained.is_err() {
+        tracing::warn!("shutdown deadline passed with connections still open");
+    }
+    Ok(())
+}
+
+async fn serve_http(
+    hub: Arc<Hub>,
+    stream: TcpStream,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let service = {
+        let hub = hub.clone();
+        let tracker = tracker.clone();
+        hyper::service::service_fn(move |req| {
+            let hub = hub.clone();
+            let tracker = tracker.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(&hub, &tracker, req).await) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Answers a WebSocket upgrade request: validates it, replies 101 and, once hyper hands the
+/// socket back, starts a [`Session`] for it. Refusals are JSON errors.
+pub fn upgrade(
+    hub: &Arc<Hub>,
+    tracker: &TaskTracker,
+    mut req: http::Request<Incoming>,
+    mode: Mode,
+) -> Response<Full<Bytes>> {
+    let config = hub.config();
+    let accept = match handshake::validate(
+        req.method(),
+        req.version(),
+        req.headers(),
+        &config.allowed_origins,
+    ) {
+        Ok(accept) => accept,
+        Err(e) => {
+            let mut response = error_response(e.status(), e.code(), &e.to_string());
+            if e == handshake::HandshakeError::UnsupportedVersion {
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static(handshake::WEBSOCKET_VERSION),
+                );
+            }
+            return response;
+        }
+    };
+    if hub.metrics().open_connections() >= config.max_connections as u64 {
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "over_capacity",
+            "the gateway is at its connection limit; retry later",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let hub = hub.clone();
+    let session_tracker = tracker.clone();
+    tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("upgraded connection is not a TcpStream");
+            return;
+        };
+        // Copy out what the client sent after its request, so hyper's read buffer is freed.
+        let leftover = parts.read_buf.to_vec();
+        drop(parts.read_buf);
+        let max_queued = match mode {
+            // An echoed message must fit the outbox whole.
+            Mode::Echo => hub.config().max_queued_bytes.max(2 * ECHO_MAX_MESSAGE),
+            Mode::Gateway => hub.config().max_queued_bytes,
+        };
+        let conn = Arc::new(Conn::new(parts.io.into_inner(), max_queued));
+        // A fresh task, sized for the session alone rather than for this upgrade future.
+        session_tracker.spawn(Session::new(hub, conn, &leftover, mode));
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept.accept_key) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if let Some(protocol) = accept.protocol {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol),
+        );
+    }
+    response
+}

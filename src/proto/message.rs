@@ -1,0 +1,279 @@
+//! The JSON messages of protocol `tidings.v1`: client requests in, server messages out.
+//!
+//! Server messages are encoded straight into a WebSocket frame. An event is encoded once per
+//! publication and the resulting `Bytes` is shared by every subscriber.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::frame::{self, Kind};
+
+/// A parsed client request.
+#[derive(Debug, PartialEq)]
+pub enum ClientMessage {
+    /// Subscribe to topics and patterns.
+    Subscribe(SubscriptionRequest),
+    /// Unsubscribe from topics and patterns.
+    Unsubscribe(SubscriptionRequest),
+    /// Application-level ping (for clients that cannot see WebSocket pings).
+    Ping {
+        /// Request id echoed in the `pong`.
+        id: Option<Value>,
+    },
+    /// Application-level pong; counts as liveness only.
+    Pong,
+}
+
+/// The body of `subscribe` and `unsubscribe`.
+#[derive(Debug, Default, PartialEq)]
+pub struct SubscriptionRequest {
+    /// Exact topic names.
+    pub topics: Vec<String>,
+    /// Topic patterns.
+    pub patterns: Vec<String>,
+    /// Request id echoed in the acknowledgement.
+    pub id: Option<Value>,
+}
+
+/// Why a client message could not be understood. The connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// Not JSON, or not an object with the expected fields.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// A `type` this protocol version does not know.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+}
+
+impl MessageError {
+    /// The stable error code sent to the client.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MessageError::InvalidJson(_) => "invalid_json",
+            MessageError::UnknownType(_) => "unknown_type",
+        }
+    }
+}
+
+/// Parses one client text message.
+pub fn parse_client(text: &str) -> Result<ClientMessage, MessageError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| MessageError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut obj) = value else {
+        return Err(MessageError::InvalidJson("expected a JSON object".into()));
+    };
+    let id = obj.remove("id");
+    let kind = match obj.remove("type") {
+        Some(Value::String(kind)) => kind,
+        _ => {
+            return Err(MessageError::InvalidJson(
+                "missing string field \"type\"".into(),
+            ));
+        }
+    };
+    match kind.as_str() {
+        "subscribe" | "unsubscribe" => {
+            let req = SubscriptionRequest {
+                topics: string_list(&mut obj, "topics")?,
+                patterns: string_list(&mut obj, "patterns")?,
+                id,
+            };
+            Ok(if kind == "subscribe" {
+                ClientMessage::Subscribe(req)
+            } else {
+                ClientMessage::Unsubscribe(req)
+            })
+        }
+        "ping" => Ok(ClientMessage::Ping { id }),
+        "pong" => Ok(ClientMessage::Pong),
+        _ => Err(MessageError::UnknownType(kind)),
+    }
+}
+
+fn string_list(
+    obj: &mut serde_json::Map<String, Value>,
+    field: &str,
+) -> Result<Vec<String>, MessageError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                _ => Err(MessageError::InvalidJson(format!(
+                    "\"{field}\" must be an array of strings"
+                ))),
+            })
+            .collect(),
+        Some(_) => Err(MessageError::InvalidJson(format!(
+            "\"{field}\" must be an array of strings"
+        ))),
+    }
+}
+
+/// Milliseconds since the Unix epoch, the `ts` of every server message.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Encodes an `event` frame: `{"type":"event","topic":T,"offset":N,"data":D,"ts":MS}`.
+///
+/// `topic` must be a validated topic name (its characters need no JSON escaping) and `data`
+/// valid JSON; both are copied once into the frame, which is then shared by reference count.
+pub fn encode_event(topic: &str, offset: u64, data: &[u8], ts: u64) -> Bytes {
+    let mut offset_buf = itoa::Buffer::new();
+    let offset = offset_buf.format(offset).as_bytes();
+    let mut ts_buf = itoa::Buffer::new();
+    let ts = ts_buf.format(ts).as_bytes();
+    let parts: [&[u8]; 9] = [
+        br#"{"type":"event","topic":""#,
+        topic.as_bytes(),
+        br#"","offset":"#,
+        offset,
+        br#","data":"#,
+        data,
+        br#","ts":"#,
+        ts,
+        b"}",
+    ];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = BytesMut::with_capacity(frame::MAX_HEADER_LEN + len);
+    frame::write_header(&mut out, Kind::Text, len);
+    for part in parts {
+        out.put_slice(part);
+    }
+    out.freeze()
+}
+
+/// A server message other than `event`; these are rare and go through serde.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage<'a> {
+    /// Acknowledges a `subscribe`.
+    Subscribed {
+        /// The request id, when one was given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        /// The topics now subscribed by this request.
+        topics: &'a [String],
+        /// The patterns now subscribed by this request.
+        patterns: &'a [String],
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
+    /// Acknowledges an `unsubscribe`.
+    Unsubscribed {
+        /// The request id, when one was given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        /// The topics named by the request.
+        topics: &'a [String],
+        /// The patterns named by the request.
+        patterns: &'a [String],
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
+    /// Answers a JSON `ping`.
+    Pong {
+        /// The request id, when one was given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
+    /// A request could not be served; the connection stays open.
+    Error {
+        /// Stable error code.
+        code: &'a str,
+        /// Human-readable explanation.
+        message: &'a str,
+        /// The request id, when one was given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
+}
+
+impl ServerMessage<'_> {
+    /// Encodes this message as one text frame.
+    pub fn to_frame(&self) -> Bytes {
+        // Serializing plain structs of strings and numbers cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        frame::encode(Kind::Text, &json)
+    }
+}
+
+/// Validates that `body` is one JSON value and returns the range of the value itself,
+/// without surrounding whitespace, so it can be embedded verbatim in event frames.
+pub fn validate_json(body: &[u8]) -> Result<std::ops::Range<usize>, String> {
+    let raw: &RawValue = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let text = raw.get().as_bytes();
+    let start = text.as_ptr() as usize - body.as_ptr() as usize;
+    Ok(start..start + text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        let m = parse_client(r#"{"type":"subscribe","topics":["a:b"],"patterns":["a:*"],"id":7}"#);
+        assert_eq!(
+            m,
+            Ok(ClientMessage::Subscribe(SubscriptionRequest {
+                topics: vec!["a:b".into()],
+                patterns: vec!["a:*".into()],
+                id: Some(Value::from(7)),
+            }))
+        );
+        assert_eq!(parse_client(r#"{"type":"pong"}"#), Ok(ClientMessage::Pong));
+        assert_eq!(
+            parse_client(r#"{"type":"nope"}"#).unwrap_err().code(),
+            "unknown_type"
+        );
+        for bad in [
+            "",
+            "[]",
+            "{",
+            r#"{"topics":[]}"#,
+            r#"{"type":"subscribe","topics":"a"}"#,
+        ] {
+            assert_eq!(
+                parse_client(bad).unwrap_err().code(),
+                "invalid_json",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_frame_is_the_documented_json() {
+        let frame = encode_event("runs:1", 42, br#"{"a": [1, "x"]}"#, 1700);
+        let payload = &frame[2..];
+        assert_eq!(frame[0], 0x81);
+        assert_eq!(frame[1] as usize, payload.len());
+        assert_eq!(
+            std::str::from_utf8(payload).unwrap(),
+            r#"{"type":"event","topic":"runs:1","offset":42,"data":{"a": [1, "x"]},"ts":1700}"#
+        );
+    }
+
+    #[test]
+    fn validate_json_trims_whitespace() {
+        let body = b"  {\"k\": 1}\n";
+        let r = validate_json(body).unwrap();
+        assert_eq!(&body[r], b"{\"k\": 1}");
+        assert!(validate_json(b"{").is_err());
+        assert!(validate_json(b"1 2").is_err());
+        assert!(validate_json(b"").is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! The wire protocol, free of I/O: handshake validation, frames, close codes and messages.
+
+pub mod close;
+pub mod frame;
+pub mod handshake;
+pub mod message;
+
+pub use close::{CloseCode, ProtocolViolation};
+pub use handshake::HandshakeError;
