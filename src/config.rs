@@ -41,6 +41,29 @@ pub struct Config {
     /// Serve `GET /echo`, a WebSocket echo on the same frame code, for conformance suites.
     /// Its message limit is 16 MiB. Off by default.
     pub echo: bool,
+    /// How often an otherwise silent connection is pinged. Shorter detects dead peers sooner
+    /// and keeps proxies' idle timers alive, at one small frame per connection per interval.
+    /// Zero disables heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long a pinged connection may stay silent before it is closed with 1011. Any inbound
+    /// frame counts as an answer.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// Also send a JSON `{"type":"ping"}` with each heartbeat, for clients (browsers) that
+    /// cannot see WebSocket pings and answer with `{"type":"pong"}`.
+    pub json_ping: bool,
+    /// Inbound messages per second per connection (a token bucket with one second of burst).
+    /// Past it a client gets an `error`; if it keeps going for another second's worth, it is
+    /// closed with 1008. Zero disables the limit.
+    pub rate_limit: u32,
+    /// How long a client has to send a complete HTTP request head once it started one or
+    /// connected (slowloris defence).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Most HTTP connections not yet upgraded at once. Accepting waits while at the cap, so a
+    /// flood of half-open handshakes queues in the kernel instead of in the gateway.
+    pub max_handshakes: usize,
     /// How long a closing connection waits for the peer's close frame before dropping it.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
@@ -61,6 +84,12 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             fanout_threads: 0,
             echo: false,
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            json_ping: false,
+            rate_limit: 100,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
         }
@@ -100,6 +129,18 @@ setters! {
     fanout_threads: usize,
     /// Sets [`Config::echo`].
     echo: bool,
+    /// Sets [`Config::ping_interval`].
+    ping_interval: Duration,
+    /// Sets [`Config::pong_timeout`].
+    pong_timeout: Duration,
+    /// Sets [`Config::json_ping`].
+    json_ping: bool,
+    /// Sets [`Config::rate_limit`].
+    rate_limit: u32,
+    /// Sets [`Config::handshake_timeout`].
+    handshake_timeout: Duration,
+    /// Sets [`Config::max_handshakes`].
+    max_handshakes: usize,
     /// Sets [`Config::close_timeout`].
     close_timeout: Duration,
     /// Sets [`Config::shutdown_timeout`].

@@ -8,6 +8,7 @@
 //! - [`proto`]: sans-IO RFC 6455 handshake validation, frames, close codes, JSON messages;
 //! - [`topic`]: topic names and patterns;
 //! - [`hub`]: the slab-indexed connection registry, subscription index and fan-out threads;
+//! - [`heartbeat`]: the one timer wheel behind every connection's ping/pong deadline;
 //! - `net`: the accept loop, hyper connections, upgrade hand-off and per-connection sessions;
 //! - `http`: the HTTP endpoints (publish, health, stats, metrics);
 //! - [`Config`], [`Gateway`]: what an embedder or the `tidings` binary uses.
@@ -28,6 +29,7 @@
 #![deny(missing_docs)]
 
 mod config;
+pub mod heartbeat;
 mod http;
 pub mod hub;
 mod metrics;

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use atomic_waker::AtomicWaker;
@@ -76,6 +77,8 @@ pub struct Conn {
     /// The connection task's waker, for "the outbox needs flushing or closing".
     waker: AtomicWaker,
     max_queued: usize,
+    /// Heartbeat tick of the last inbound frame.
+    last_seen: AtomicU64,
 }
 
 impl Conn {
@@ -91,7 +94,18 @@ impl Conn {
             }),
             waker: AtomicWaker::new(),
             max_queued,
+            last_seen: AtomicU64::new(0),
         }
+    }
+
+    /// Records that the peer was heard from at heartbeat tick `now`.
+    pub fn touch(&self, now: u64) {
+        self.last_seen.store(now, Ordering::Relaxed);
+    }
+
+    /// The heartbeat tick of the last inbound frame.
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
     }
 
     /// The socket, for the connection task's reads.

@@ -11,7 +11,8 @@ pub mod index;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
@@ -19,9 +20,11 @@ use parking_lot::{Mutex, RwLock};
 use slab::Slab;
 
 use crate::Config;
+use crate::heartbeat::{self, Action, Beat, Wheel};
 use crate::metrics::Metrics;
 use crate::proto::CloseCode;
-use crate::proto::message::{encode_event, now_ms};
+use crate::proto::frame::{self, Kind};
+use crate::proto::message::{ServerMessage, encode_event, now_ms};
 use crate::topic::{NameError, Pattern, validate_topic};
 pub use conn::{Conn, Delivery, OutState};
 pub use index::{Index, SlotId};
@@ -104,14 +107,17 @@ struct Slot {
     /// The shard sequence number of the last publication delivered, to deliver once to a
     /// connection subscribed to a topic both directly and through patterns.
     last_seq: u64,
+    beat: Beat,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ShardState {
     slots: Slab<Slot>,
     index: Index,
     seq: u64,
     next_generation: u32,
+    /// Heartbeat deadlines of this shard's connections.
+    wheel: Wheel<(SlotId, u32)>,
 }
 
 #[derive(Debug)]
@@ -140,6 +146,12 @@ pub struct Hub {
     next_shard: AtomicUsize,
     metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
+    started: Instant,
+    /// The heartbeat clock, in ticks since start; advanced by [`Hub::heartbeat_tick`].
+    clock: AtomicU64,
+    tick: Duration,
+    interval_ticks: u32,
+    timeout_ticks: u32,
 }
 
 impl std::fmt::Debug for Job {
@@ -160,9 +172,18 @@ impl Hub {
         let metrics = Arc::new(Metrics::default());
         let mut shards = Vec::with_capacity(threads);
         let mut senders = Vec::with_capacity(threads);
+        let tick = heartbeat::tick_for(config.ping_interval, config.pong_timeout);
+        let interval_ticks = heartbeat::ticks(config.ping_interval, tick);
+        let timeout_ticks = heartbeat::ticks(config.pong_timeout, tick);
         for i in 0..threads {
             let shard = Arc::new(Shard {
-                state: Mutex::new(ShardState::default()),
+                state: Mutex::new(ShardState {
+                    slots: Slab::new(),
+                    index: Index::default(),
+                    seq: 0,
+                    next_generation: 0,
+                    wheel: Wheel::new(interval_ticks + timeout_ticks),
+                }),
             });
             let (tx, rx) = crossbeam_channel::unbounded();
             let worker = shard.clone();
@@ -182,6 +203,11 @@ impl Hub {
             next_shard: AtomicUsize::new(0),
             metrics,
             shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+            clock: AtomicU64::new(0),
+            tick,
+            interval_ticks,
+            timeout_ticks,
         }
     }
 
@@ -201,12 +227,19 @@ impl Hub {
         let mut state = self.shards[shard_no].state.lock();
         state.next_generation = state.next_generation.wrapping_add(1);
         let generation = state.next_generation;
+        let now = self.clock();
+        conn.touch(now);
         let slot = state.slots.insert(Slot {
             generation,
             conn,
             subscriptions: Vec::new(),
             last_seq: 0,
+            beat: Beat::Idle,
         }) as SlotId;
+        if self.heartbeats_enabled() {
+            let at = now + u64::from(self.interval_ticks);
+            state.wheel.insert(at, (slot, generation));
+        }
         self.metrics.connection_opened();
         ConnId {
             shard: shard_no as u32,
@@ -379,6 +412,80 @@ impl Hub {
                 })
             })
             .clone()
+    }
+
+    /// The heartbeat clock: ticks since start.
+    pub fn clock(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the hub started, for rate limiting.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The heartbeat tick length; [`Hub::heartbeat_tick`] should run this often.
+    pub fn tick(&self) -> Duration {
+        self.tick
+    }
+
+    /// Whether connections are pinged at all.
+    pub fn heartbeats_enabled(&self) -> bool {
+        !self.config.ping_interval.is_zero()
+    }
+
+    /// Advances the heartbeat clock one tick: pings connections silent for a ping interval
+    /// and closes (1011) those silent for the pong timeout after a ping. Costs time in
+    /// proportion to the connections due, not to all connections.
+    pub fn heartbeat_tick(&self) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let ping = frame::encode(Kind::Ping, b"");
+        let json_ping = self
+            .config
+            .json_ping
+            .then(|| ServerMessage::Ping { ts: now_ms() }.to_frame());
+        let mut due = Vec::new();
+        let mut to_ping = Vec::new();
+        let mut to_close = Vec::new();
+        for shard in self.shards.iter() {
+            {
+                let mut guard = shard.state.lock();
+                let state = &mut *guard;
+                state.wheel.advance(now, &mut due);
+                for (slot_id, generation) in due.drain(..) {
+                    let Some(slot) = state.slots.get_mut(slot_id as usize) else {
+                        continue;
+                    };
+                    if slot.generation != generation {
+                        continue;
+                    }
+                    let last_seen = slot.conn.last_seen();
+                    match heartbeat::decide(
+                        &mut slot.beat,
+                        now,
+                        last_seen,
+                        self.interval_ticks,
+                        self.timeout_ticks,
+                    ) {
+                        Action::Recheck(at) => state.wheel.insert(at, (slot_id, generation)),
+                        Action::Ping(at) => {
+                            to_ping.push(slot.conn.clone());
+                            state.wheel.insert(at, (slot_id, generation));
+                        }
+                        Action::Close => to_close.push(slot.conn.clone()),
+                    }
+                }
+            }
+            for conn in to_ping.drain(..) {
+                conn.send(ping.clone());
+                if let Some(json) = &json_ping {
+                    conn.send(json.clone());
+                }
+            }
+            for conn in to_close.drain(..) {
+                conn.close(CloseCode::Internal, "ping timeout", false);
+            }
+        }
     }
 
     /// Marks the hub as shutting down: connections upgraded from now on close at once.

@@ -11,8 +11,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,13 +34,25 @@ pub async fn serve(
 ) -> io::Result<()> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
+    if hub.heartbeats_enabled() {
+        tokio::spawn(heartbeats(hub.clone(), stop.clone()));
+    }
+    let handshakes = Arc::new(Semaphore::new(hub.config().max_handshakes.max(1)));
     tokio::pin!(shutdown);
     loop {
+        // Wait for room before accepting: excess handshakes wait in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), stop.clone()));
+                    tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), stop.clone(), permit));
                 }
                 // Out of file descriptors and the like: keep serving what is open.
                 Err(e) => {
@@ -63,11 +76,26 @@ pub async fn serve(
     Ok(())
 }
 
+/// Drives the heartbeat wheel until `stop`.
+async fn heartbeats(hub: Arc<Hub>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(hub.tick());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => hub.heartbeat_tick(),
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Serves one HTTP connection; `_permit` holds its place among the handshakes in progress
+/// until the connection upgrades or ends.
 async fn serve_http(
     hub: Arc<Hub>,
     stream: TcpStream,
     tracker: TaskTracker,
     stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
 ) {
     let service = {
         let hub = hub.clone();
@@ -79,6 +107,8 @@ async fn serve_http(
         })
     };
     let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(hub.config().handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -83,6 +83,61 @@ pub struct Session {
     /// Deadline for the peer's close frame, armed when we start closing.
     close_timer: Option<Pin<Box<Sleep>>>,
     reason: CloseReason,
+    limiter: RateLimiter,
+}
+
+/// A token bucket over inbound messages, with one second of burst.
+#[derive(Debug, Clone, Copy)]
+struct RateLimiter {
+    tokens: f32,
+    /// When `tokens` was last refilled, ms since the hub started.
+    at_ms: u64,
+    /// Messages refused since the bucket last had a token.
+    refused: u32,
+}
+
+/// What the rate limiter says of one more inbound message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Yes,
+    /// Refused; tell the client (first refusal of a run only).
+    No {
+        first: bool,
+    },
+    /// Over the limit for a whole further second's worth of messages: close with 1008.
+    Close,
+}
+
+impl RateLimiter {
+    fn new(rate: u32) -> RateLimiter {
+        RateLimiter {
+            tokens: rate as f32,
+            at_ms: 0,
+            refused: 0,
+        }
+    }
+
+    fn admit(&mut self, rate: u32, now_ms: u64) -> Admit {
+        if rate == 0 {
+            return Admit::Yes;
+        }
+        let elapsed = now_ms.saturating_sub(self.at_ms) as f32;
+        self.tokens = (self.tokens + elapsed * rate as f32 / 1000.0).min(rate as f32);
+        self.at_ms = now_ms;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            return Admit::Yes;
+        }
+        self.refused += 1;
+        if self.refused > rate {
+            Admit::Close
+        } else {
+            Admit::No {
+                first: self.refused == 1,
+            }
+        }
+    }
 }
 
 impl Session {
@@ -100,7 +155,10 @@ impl Session {
             fragments: None,
             close_timer: None,
             reason: CloseReason::Normal,
+            limiter: RateLimiter::new(0),
         };
+        session.limiter = RateLimiter::new(session.hub.config().rate_limit);
+        session.limiter.at_ms = session.hub.elapsed_ms();
         if session.hub.is_shutting_down() {
             session
                 .conn
@@ -131,6 +189,7 @@ impl Session {
                     self.reason = match code {
                         CloseCode::TryAgainLater => CloseReason::SlowConsumer,
                         CloseCode::GoingAway => CloseReason::Shutdown,
+                        CloseCode::Internal => CloseReason::Timeout,
                         _ => CloseReason::Normal,
                     };
                     self.arm_close_timer();
@@ -173,6 +232,7 @@ impl Session {
             let result = SCRATCH.with_borrow_mut(|scratch| match conn.stream().try_read(scratch) {
                 Ok(0) => Err(Some(self.eof_reason())),
                 Ok(n) => {
+                    self.conn.touch(self.hub.clock());
                     let (Ok(()) | Err(Stop::Discard)) = self.on_bytes(&mut scratch[..n]);
                     Ok(())
                 }
@@ -300,7 +360,36 @@ impl Session {
             (Mode::Echo, Message::Binary(data)) => {
                 self.conn.send(frame::encode(Kind::Binary, data));
             }
-            (Mode::Gateway, Message::Text(text)) => self.on_request(text),
+            (Mode::Gateway, Message::Text(text)) => {
+                let rate = self.hub.config().rate_limit;
+                match self.limiter.admit(rate, self.hub.elapsed_ms()) {
+                    Admit::Yes => self.on_request(text),
+                    Admit::No { first } => {
+                        if first {
+                            let message = format!("over {rate} messages per second; slow down");
+                            self.conn.send(
+                                ServerMessage::Error {
+                                    code: "rate_limited",
+                                    message: &message,
+                                    id: None,
+                                    ts: now_ms(),
+                                }
+                                .to_frame(),
+                            );
+                        }
+                    }
+                    Admit::Close => {
+                        if self
+                            .conn
+                            .close(CloseCode::Policy, "rate limit exceeded", false)
+                        {
+                            self.reason = CloseReason::RateLimited;
+                        }
+                        self.phase = Phase::CloseSent;
+                        self.arm_close_timer();
+                    }
+                }
+            }
             (Mode::Gateway, Message::Binary(_)) => return Err(ProtocolViolation::Binary),
         }
         Ok(())
@@ -420,5 +509,30 @@ impl Future for Session {
             return this.finish(reason);
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_refuses_then_closes() {
+        let mut limiter = RateLimiter::new(10);
+        // A full second of burst, all at t = 0.
+        for _ in 0..10 {
+            assert_eq!(limiter.admit(10, 0), Admit::Yes);
+        }
+        assert_eq!(limiter.admit(10, 0), Admit::No { first: true });
+        for _ in 0..9 {
+            assert_eq!(limiter.admit(10, 0), Admit::No { first: false });
+        }
+        assert_eq!(limiter.admit(10, 0), Admit::Close);
+        // A client that keeps to the rate is never refused.
+        let mut polite = RateLimiter::new(10);
+        for i in 0..1000 {
+            assert_eq!(polite.admit(10, i * 100), Admit::Yes);
+        }
+        assert_eq!(RateLimiter::new(0).admit(0, 0), Admit::Yes);
     }
 }

@@ -188,6 +188,11 @@ pub enum ServerMessage<'a> {
         /// Server time, ms since the Unix epoch.
         ts: u64,
     },
+    /// A heartbeat for clients that cannot see WebSocket pings; answer with `pong`.
+    Ping {
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
     /// A request could not be served; the connection stays open.
     Error {
         /// Stable error code.
