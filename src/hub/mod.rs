@@ -126,7 +126,15 @@ struct Shard {
 }
 
 enum Job {
-    Publish { topic: Arc<str>, frame: Bytes },
+    Publish {
+        topic: Arc<str>,
+        frame: Bytes,
+    },
+    /// Close every connection of the shard, after the publications queued before this job.
+    CloseAll {
+        code: CloseCode,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug)]
@@ -158,6 +166,7 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Job::Publish { topic, .. } => write!(f, "Publish({topic})"),
+            Job::CloseAll { code, .. } => write!(f, "CloseAll({code:?})"),
         }
     }
 }
@@ -498,19 +507,12 @@ impl Hub {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Starts a close handshake with every connection (shutdown), keeping queued frames.
-    pub fn close_all(&self, code: CloseCode, reason: &str) {
-        for shard in self.shards.iter() {
-            let conns: Vec<Arc<Conn>> = shard
-                .state
-                .lock()
-                .slots
-                .iter()
-                .map(|(_, s)| s.conn.clone())
-                .collect();
-            for conn in conns {
-                conn.close(code, reason, true);
-            }
+    /// Starts a close handshake with every connection (shutdown). Each shard does it after
+    /// the publications already handed to it, so everything accepted before is delivered
+    /// (queued frames are flushed before the close frame).
+    pub fn close_all(&self, code: CloseCode, reason: &'static str) {
+        for tx in self.senders.iter() {
+            let _ = tx.send(Job::CloseAll { code, reason });
         }
     }
 }
@@ -549,6 +551,18 @@ fn fanout_loop(shard: &Shard, jobs: &Receiver<Job>, metrics: &Metrics) {
                 metrics.delivered(delivered);
                 if targets.capacity() > 4096 {
                     targets.shrink_to(4096);
+                }
+            }
+            Job::CloseAll { code, reason } => {
+                let conns: Vec<Arc<Conn>> = shard
+                    .state
+                    .lock()
+                    .slots
+                    .iter()
+                    .map(|(_, s)| s.conn.clone())
+                    .collect();
+                for conn in conns {
+                    conn.close(code, reason, true);
                 }
             }
         }

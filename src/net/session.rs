@@ -453,10 +453,11 @@ impl Session {
 
     /// Ends the connection: FIN to the peer, out of the registry, counted.
     fn finish(&mut self, reason: CloseReason) -> Poll<()> {
-        let _ = socket2::SockRef::from(self.conn.stream()).shutdown(Shutdown::Write);
-        self.conn.set_broken();
+        // Counted before the peer can see the end, so what it observes is already counted.
         self.hub.unregister(self.id);
         self.hub.metrics().connection_closed(reason);
+        self.conn.set_broken();
+        let _ = socket2::SockRef::from(self.conn.stream()).shutdown(Shutdown::Write);
         tracing::debug!(conn = %self.id, ?reason, "websocket closed");
         Poll::Ready(())
     }
