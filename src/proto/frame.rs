@@ -386,6 +386,50 @@ mod tests {
         assert_eq!(close.len(), 2 + 2 + 122);
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes never panic the parser, and what it reports lies in the buffer.
+        #[test]
+        fn arbitrary_bytes_parse_safely(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut buf = data.clone();
+            match parse(&mut buf, 128) {
+                Ok(Some(f)) => {
+                    proptest::prop_assert!(f.len <= buf.len() && f.payload.end == f.len);
+                    let payload = &buf[f.payload];
+                    let _ = whole_message(f.kind == Kind::Text, payload);
+                    let _ = parse_close(payload);
+                }
+                Ok(None) => proptest::prop_assert_eq!(&buf, &data),
+                Err(v) => { let _ = v.close_code(); }
+            }
+        }
+
+        /// A masked client frame of any payload parses back to that payload.
+        #[test]
+        fn masked_frames_round_trip(
+            len in proptest::prop_oneof![0usize..300, 65_530usize..65_540],
+            seed in proptest::prelude::any::<u8>(),
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            let mut buf = client_frame(0x82, &payload);
+            let f = parse(&mut buf, 1 << 20).unwrap().unwrap();
+            proptest::prop_assert_eq!(&buf[f.payload], &payload[..]);
+        }
+
+        /// Fragment reassembly accepts exactly the valid UTF-8, however it is split.
+        #[test]
+        fn fragmented_utf8_is_judged_whole(text in ".{0,40}", bad in proptest::prelude::any::<bool>(), cut in 0usize..200) {
+            let mut bytes = text.into_bytes();
+            if bad {
+                bytes.push(0xff);
+            }
+            let cut = cut.min(bytes.len());
+            let result = Fragments::start(true, &bytes[..cut])
+                .and_then(|mut f| f.push(&bytes[cut..], usize::MAX).map(|()| f))
+                .and_then(|f| f.finish().map(|_| ()));
+            proptest::prop_assert_eq!(result.is_ok(), std::str::from_utf8(&bytes).is_ok());
+        }
+    }
+
     #[test]
     fn unmask_matches_bytewise() {
         let mask = [1, 2, 3, 4];

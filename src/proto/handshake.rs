@@ -266,6 +266,28 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Arbitrary header values are refused or accepted, never a panic.
+        #[test]
+        fn arbitrary_headers_never_panic(values in proptest::collection::vec(proptest::collection::vec(32u8..127, 0..40), 6)) {
+            let names = [
+                header::HOST,
+                header::UPGRADE,
+                header::CONNECTION,
+                header::SEC_WEBSOCKET_KEY,
+                header::SEC_WEBSOCKET_VERSION,
+                header::SEC_WEBSOCKET_PROTOCOL,
+            ];
+            let mut h = HeaderMap::new();
+            for (name, value) in names.into_iter().zip(&values) {
+                if let Ok(v) = HeaderValue::from_bytes(value) {
+                    h.insert(name, v);
+                }
+            }
+            let _ = check(&h);
+        }
+    }
+
     #[test]
     fn origin_policy() {
         let allowed = vec!["https://app.example".to_string()];

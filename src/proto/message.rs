@@ -272,6 +272,15 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any text is either a request or a typed error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,64}") {
+            let _ = parse_client(&text);
+            let _ = validate_json(text.as_bytes());
+        }
+    }
+
     #[test]
     fn validate_json_trims_whitespace() {
         let body = b"  {\"k\": 1}\n";
