@@ -99,6 +99,7 @@ async fn upgrade_and_connection_are_case_insensitive_token_lists() {
         ("WEBSOCKET", "upgrade"),
         ("websocket", "Upgrade, keep-alive"),
         ("websocket", "keep-alive,UPGRADE"),
+        ("h2c, websocket", "Upgrade"),
     ];
     for (upgrade, connection) in variants {
         let request = UpgradeRequest::new(gw.addr)
@@ -311,4 +312,47 @@ async fn unknown_route_is_404_not_found_and_healthz_is_ok() {
     let health = http_get(gw.addr, "/healthz").await;
     assert_eq!(health.status, 200);
     assert_eq!(health.json(), serde_json::json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_not_lost() {
+    let gw = TestGateway::start_default().await;
+    // The request and the first frame in one write: the bytes after the request that
+    // the HTTP layer already read must reach the WebSocket layer.
+    let mut bytes = UpgradeRequest::new(gw.addr).to_bytes();
+    bytes.extend(masked(true, OP_TEXT, br#"{"type":"ping","id":77}"#));
+    bytes.extend(masked(true, OP_PING, b"early"));
+    let mut stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &bytes)
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let response = read_response(&mut stream, &mut buf).await;
+    assert_eq!(response.status, 101, "{response:?}");
+    let mut raw = RawWs::from_parts(stream, buf, response);
+    let pong = raw.next_json().await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    assert_eq!(pong["id"], 77, "{pong}");
+    let frame = raw.next_frame().await;
+    assert_eq!(
+        (frame.opcode, frame.payload.as_slice()),
+        (OP_PONG, &b"early"[..])
+    );
+}
+
+#[tokio::test]
+async fn http_1_0_upgrade_is_refused() {
+    let gw = TestGateway::start_default().await;
+    let mut request = UpgradeRequest::new(gw.addr);
+    request.version = "HTTP/1.0".into();
+    let (response, _stream, _) = request.send(gw.addr).await;
+    // RFC 6455 §4.1: the handshake is HTTP/1.1 or later. No code is fixed for this, but
+    // it must be a JSON client error, not a 101.
+    assert!(
+        (400..500).contains(&response.status),
+        "HTTP/1.0 upgrade got {response:?}"
+    );
+    assert!(response.json()["code"].is_string(), "{response:?}");
 }

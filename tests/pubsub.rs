@@ -580,6 +580,8 @@ async fn stats_count_connections_publications_and_deliveries() {
     client.next_events(3).await;
     // Everything sent before the pong has been written.
     client.ping(2).await;
+    gw.stats_until("3 deliveries counted", |s| s.deliveries >= 3)
+        .await;
 
     let stats = get_stats(gw.addr).await;
     assert_eq!(stats["connections"], 1, "{stats}");
@@ -602,4 +604,111 @@ async fn stats_count_connections_publications_and_deliveries() {
     let lib = serde_json::to_value(gw.gw.stats()).expect("Stats serializes");
     assert_eq!(lib, stats);
     assert_eq!(gw.gw.stats().publications, 3);
+}
+
+#[tokio::test]
+async fn unsubscribing_the_topic_keeps_a_matching_pattern() {
+    let gw = TestGateway::start_default().await;
+    let mut client = WsClient::connect(gw.addr).await;
+    client.subscribe(&["keep:a"], &["keep:*"], 1).await;
+    // Subscribing to the same topic again changes nothing.
+    client.subscribe(&["keep:a"], &[], 2).await;
+    publish_ok(gw.addr, "keep:a", b"1").await;
+    assert_eq!(client.next_event().await.1, 1);
+    client.ping(3).await;
+
+    client.unsubscribe(&["keep:a"], &[], 4).await;
+    publish_ok(gw.addr, "keep:a", b"2").await;
+    assert_eq!(client.next_event().await, ("keep:a".into(), 2, json!(2)));
+    client.ping(5).await;
+
+    client.unsubscribe(&[], &["keep:*"], 6).await;
+    publish_ok(gw.addr, "keep:a", b"3").await;
+    client.subscribe(&["keep:b"], &[], 7).await;
+    publish_ok(gw.addr, "keep:b", b"1").await;
+    assert_eq!(client.next_event().await.0, "keep:b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_get_distinct_offsets_delivered_in_order() {
+    const PUBLISHERS: u64 = 50;
+    let gw = TestGateway::start_default().await;
+    let mut client = WsClient::connect(gw.addr).await;
+    client.subscribe(&["conc:t"], &[], 1).await;
+    let addr = gw.addr;
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|n| {
+            tokio::spawn(async move { publish_ok(addr, "conc:t", format!("{n}").as_bytes()).await })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for publisher in publishers {
+        offsets.push(within("a publisher", publisher).await.expect("publisher"));
+    }
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        (1..=PUBLISHERS).collect::<Vec<_>>(),
+        "each offset once"
+    );
+    // The subscriber sees the topic's history in offset order, none missing.
+    let received: Vec<u64> = client
+        .next_events(PUBLISHERS as usize)
+        .await
+        .into_iter()
+        .map(|(_, offset)| offset)
+        .collect();
+    assert_eq!(received, (1..=PUBLISHERS).collect::<Vec<_>>());
+    client.ping(2).await;
+}
+
+#[tokio::test]
+async fn http_publish_accepts_chunked_bodies_and_keep_alive() {
+    let gw = TestGateway::start(Config::default().max_publish_bytes(1024)).await;
+    let mut client = WsClient::connect(gw.addr).await;
+    client.subscribe(&["chunk:t"], &[], 1).await;
+    let host = gw.addr;
+    // Two requests on one keep-alive connection, the first with a chunked body split
+    // in the middle of a JSON string.
+    let request = format!(
+        "POST /v1/topics/chunk:t/events HTTP/1.1\r\nHost: {host}\r\n\
+         Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n\
+         6\r\n{{\"a\":\"\r\n4\r\nbc\"}}\r\n0\r\n\r\n\
+         POST /v1/topics/chunk:t/events HTTP/1.1\r\nHost: {host}\r\n\
+         Content-Length: 4\r\nConnection: close\r\n\r\ntrue"
+    );
+    let mut stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    for offset in 1..=2 {
+        let response = read_response(&mut stream, &mut buf).await;
+        assert_eq!(response.status, 202, "{response:?}");
+        assert_eq!(
+            response.json(),
+            json!({"topic": "chunk:t", "offset": offset})
+        );
+    }
+    assert_eq!(
+        client.next_event().await,
+        ("chunk:t".into(), 1, json!({"a": "bc"}))
+    );
+    assert_eq!(
+        client.next_event().await,
+        ("chunk:t".into(), 2, json!(true))
+    );
+
+    // A chunked body over the limit is refused like any other.
+    let big = format!("\"{}\"", "x".repeat(2000));
+    let request = format!(
+        "POST /v1/topics/chunk:t/events HTTP/1.1\r\nHost: {host}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len()
+    );
+    raw_http(gw.addr, request.as_bytes())
+        .await
+        .assert_error(413, "payload_too_large");
 }

@@ -107,6 +107,26 @@ impl TestGateway {
             .expect("serve task panicked")
     }
 
+    /// Waits until the gateway's stats satisfy `check`. Counters are bumped by the
+    /// fan-out threads just after the socket write, so a client can see a frame a moment
+    /// before it is counted; this looks again (without sleeping) until the deadline.
+    pub async fn stats_until(
+        &self,
+        what: &str,
+        check: impl Fn(&tidings::Stats) -> bool,
+    ) -> tidings::Stats {
+        within(what, async {
+            loop {
+                let stats = self.gw.stats();
+                if check(&stats) {
+                    return stats;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+    }
+
     /// Proves the gateway still works: a brand-new client can connect, and a
     /// ping/pong round trip succeeds. Used after every abuse to catch panics.
     pub async fn assert_alive(&self) {

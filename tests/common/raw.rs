@@ -130,6 +130,16 @@ impl RawWs {
         }
     }
 
+    /// Wraps a stream whose handshake the caller did by hand; `buf` holds any bytes
+    /// read past the response.
+    pub fn from_parts(stream: TcpStream, buf: Vec<u8>, response: HttpResponse) -> RawWs {
+        RawWs {
+            stream,
+            buf,
+            response,
+        }
+    }
+
     /// Writes `bytes` as they are.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         within("write", self.stream.write_all(bytes))
