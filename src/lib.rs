@@ -7,9 +7,10 @@
 //! Layout, with dependencies pointing one way (`proto` ← `topic` ← `hub` ← `net`/`http`):
 //! - [`proto`]: sans-IO RFC 6455 handshake validation, frames, close codes, JSON messages;
 //! - [`topic`]: topic names and patterns;
-//! - [`hub`]: the slab-indexed connection registry, subscription index and fan-out threads;
+//! - [`hub`]: topics, publication, and the shards: one thread each with its own event loop,
+//!   owning a slab of connections and their subscription index;
 //! - [`heartbeat`]: the one timer wheel behind every connection's ping/pong deadline;
-//! - `net`: the accept loop, hyper connections, upgrade hand-off and per-connection sessions;
+//! - `net`: the accept loop, hyper connections, and the upgrade hand-off to a shard;
 //! - `http`: the HTTP endpoints (publish, health, stats, metrics);
 //! - [`Config`], [`Gateway`]: what an embedder or the `tidings` binary uses.
 //!
@@ -43,6 +44,7 @@ use std::sync::Arc;
 pub use config::{Config, ConfigError};
 pub use hub::{PublishError, Published};
 pub use metrics::{ClosedStats, Stats};
+pub use net::{LISTEN_BACKLOG, listen};
 
 /// A running gateway's handle: cheap to clone, shared by the server and embedders.
 #[derive(Clone, Debug)]
@@ -51,11 +53,20 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Creates a gateway (and its fan-out threads) with `config`.
+    /// Creates a gateway (and its shard threads) with `config`.
+    ///
+    /// # Panics
+    /// If the operating system refuses an event queue or a thread; see [`Gateway::try_new`].
     pub fn new(config: Config) -> Gateway {
-        Gateway {
-            hub: Arc::new(hub::Hub::new(config)),
-        }
+        Gateway::try_new(config).expect("creating the gateway's shard threads")
+    }
+
+    /// Creates a gateway, or says why the operating system refused its event queues or
+    /// threads.
+    pub fn try_new(config: Config) -> std::io::Result<Gateway> {
+        Ok(Gateway {
+            hub: Arc::new(hub::Hub::new(config)?),
+        })
     }
 
     /// The configuration in force.

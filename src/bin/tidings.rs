@@ -1,8 +1,10 @@
 //! The `tidings` command: parse the CLI, start tracing, bind, serve until a signal.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
@@ -38,7 +40,19 @@ enum Command {
     },
 }
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`; libmimalloc-sys
+/// names the options around it but not this one).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Return freed pages to the OS at once instead of after 10 ms of further allocator
+    // activity on the same thread: the runtime threads that ran a storm of handshakes go
+    // idle right after it, and would otherwise keep those pages resident. Measured at
+    // 10,000 idle connections: 2,100-2,800 bytes per connection with the default,
+    // 470-750 with immediate purging.
+    // SAFETY: setting an allocator option before the runtime starts; mimalloc reads it on
+    // each purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     let Command::Serve {
         config,
         listen,
@@ -68,6 +82,7 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(return_freed_memory)
         .build()
     {
         Ok(runtime) => runtime,
@@ -86,17 +101,42 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
-        })?;
+    let listener = tidings::listen(config.listen).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+    })?;
     let addr = listener.local_addr()?;
     println!("tidings listening on http://{addr}");
     tracing::info!(%addr, "listening");
     Gateway::new(config)
         .serve(listener, shutdown_signal())
         .await
+}
+
+/// The least time between two collections on one runtime thread.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Called when a runtime worker goes idle: returns the memory it freed to the OS.
+///
+/// Handshakes allocate transient HTTP buffers on the runtime's workers, and the upgraded
+/// sockets then move to the shard threads. After a connection storm the workers go idle
+/// with those freed pages (and blocks freed by other threads) still in their heaps; a
+/// collection hands them back, where otherwise they would cost more than the connections
+/// themselves (about 250 bytes of live state each).
+fn return_freed_memory() {
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= COLLECT_EVERY)
+        {
+            last.set(Some(now));
+            // SAFETY: mi_collect only walks and trims the calling thread's own heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
+    });
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -1,6 +1,5 @@
-//! Sockets: the accept loop, hyper connections, and the hand-off of upgraded sockets.
-
-mod session;
+//! Sockets: the accept loop, hyper connections, and the hand-off of upgraded sockets to the
+//! hub's shards.
 
 use std::future::Future;
 use std::io;
@@ -18,9 +17,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::{error_response, route};
-use crate::hub::{Conn, Hub};
+use crate::hub::Hub;
+pub use crate::hub::Mode;
 use crate::proto::{CloseCode, handshake};
-pub use session::{ECHO_MAX_MESSAGE, Mode, Session};
+
+/// Pending connections the kernel may queue before `accept`. tokio's `bind` asks for 128,
+/// which a connection storm overflows: the dropped SYNs are retried after a second, so
+/// 10,000 clients took over a second to connect even when the gateway was idle. 4096 is the
+/// usual `net.core.somaxconn` cap; the kernel lowers it to that sysctl if smaller.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`serve`] with address reuse and a deep accept backlog.
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Accepts connections on `listener` until `shutdown` resolves, then drains.
 ///
@@ -34,9 +51,6 @@ pub async fn serve(
 ) -> io::Result<()> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    if hub.heartbeats_enabled() {
-        tokio::spawn(heartbeats(hub.clone(), stop.clone()));
-    }
     let handshakes = Arc::new(Semaphore::new(hub.config().max_handshakes.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -65,27 +79,23 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: closing connections");
-    hub.begin_shutdown();
     stop.cancel();
     hub.close_all(CloseCode::GoingAway, "server shutting down");
     tracker.close();
-    let drained = tokio::time::timeout(hub.config().shutdown_timeout, tracker.wait()).await;
+    let deadline = hub.config().shutdown_timeout;
+    let drained = tokio::time::timeout(deadline, async {
+        tracker.wait().await;
+        hub.drained().await;
+    })
+    .await;
     if drained.is_err() {
-        tracing::warn!("shutdown deadline passed with connections still open");
+        tracing::warn!(
+            open = hub.open_connections(),
+            "shutdown deadline passed; dropping the connections left"
+        );
+        hub.drop_all();
     }
     Ok(())
-}
-
-/// Drives the heartbeat wheel until `stop`.
-async fn heartbeats(hub: Arc<Hub>, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(hub.tick());
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => hub.heartbeat_tick(),
-            () = stop.cancelled() => return,
-        }
-    }
 }
 
 /// Serves one HTTP connection; `_permit` holds its place among the handshakes in progress
@@ -125,7 +135,7 @@ async fn serve_http(
 }
 
 /// Answers a WebSocket upgrade request: validates it, replies 101 and, once hyper hands the
-/// socket back, starts a [`Session`] for it. Refusals are JSON errors.
+/// socket back, hands it to a shard. Refusals are JSON errors.
 pub fn upgrade(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
@@ -151,7 +161,7 @@ pub fn upgrade(
             return response;
         }
     };
-    if hub.metrics().open_connections() >= config.max_connections as u64 {
+    if !hub.reserve_connection() {
         let mut response = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "over_capacity",
@@ -164,30 +174,31 @@ pub fn upgrade(
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hub = hub.clone();
-    let session_tracker = tracker.clone();
     tracker.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");
+                hub.release_unused();
                 return;
             }
         };
         let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
             tracing::error!("upgraded connection is not a TcpStream");
+            hub.release_unused();
             return;
         };
-        // Copy out what the client sent after its request, so hyper's read buffer is freed.
+        // Copy out what the client sent after its request, so hyper's buffer is freed.
         let leftover = parts.read_buf.to_vec();
         drop(parts.read_buf);
-        let max_queued = match mode {
-            // An echoed message must fit the outbox whole.
-            Mode::Echo => hub.config().max_queued_bytes.max(2 * ECHO_MAX_MESSAGE),
-            Mode::Gateway => hub.config().max_queued_bytes,
-        };
-        let conn = Arc::new(Conn::new(parts.io.into_inner(), max_queued));
-        // A fresh task, sized for the session alone rather than for this upgrade future.
-        session_tracker.spawn(Session::new(hub, conn, &leftover, mode));
+        // Out of tokio's reactor and into a shard's: the socket stays non-blocking.
+        match parts.io.into_inner().into_std() {
+            Ok(stream) => hub.register(stream, leftover, mode),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot take the socket back");
+                hub.release_unused();
+            }
+        }
     });
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

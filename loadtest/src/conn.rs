@@ -1,0 +1,323 @@
+//! One client WebSocket connection, kept as cheap as the measurement needs: a tokio
+//! `TcpStream`, a leftover buffer that only holds bytes of a partial frame, and reads into
+//! a scratch buffer shared by every connection of the (single-threaded) worker.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{Read as _, Write as _};
+
+use tokio::io::AsyncWriteExt;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::wire::{self, FrameError, MaskRng, opcode};
+
+/// Bytes a read asks the kernel for beyond any partial frame already held.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Largest HTTP response head accepted during the upgrade.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Why a connection ended or failed; `label()` is the key used in reports.
+#[derive(Debug)]
+pub enum Fail {
+    /// TCP connect failed.
+    Connect(io::Error),
+    /// The upgrade was refused (the HTTP status) or the response was malformed (0).
+    Upgrade(u16),
+    /// The server answered the subscribe with an `error` message.
+    SubscribeError,
+    /// The server sent a frame the client cannot accept.
+    Frame(FrameError),
+    /// I/O error after the connection was established.
+    Io(io::Error),
+    /// The connection ended (close frame with its code, or EOF) before it was ready.
+    Ended(End),
+    /// Connect, upgrade and subscribe did not finish in time.
+    Timeout,
+}
+
+impl Fail {
+    /// Short stable label for counting failures by kind.
+    pub fn label(&self) -> String {
+        match self {
+            Fail::Connect(e) => format!("connect: {}", e.kind()),
+            Fail::Upgrade(0) => "upgrade: malformed response".into(),
+            Fail::Upgrade(s) => format!("upgrade: HTTP {s}"),
+            Fail::SubscribeError => "subscribe: error message".into(),
+            Fail::Frame(e) => format!("frame: {e}"),
+            Fail::Io(e) => format!("io: {}", e.kind()),
+            Fail::Ended(end) => format!("ended early: {}", end.label()),
+            Fail::Timeout => "timeout".into(),
+        }
+    }
+}
+
+impl From<io::Error> for Fail {
+    fn from(e: io::Error) -> Fail {
+        Fail::Io(e)
+    }
+}
+
+impl From<FrameError> for Fail {
+    fn from(e: FrameError) -> Fail {
+        Fail::Frame(e)
+    }
+}
+
+/// How a connection ended from the server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// A close frame, with its status code if it carried one.
+    Close(Option<u16>),
+    /// TCP EOF without a close frame.
+    Eof,
+    /// TCP EOF in the middle of a frame (the server dropped part of a frame).
+    EofMidFrame,
+}
+
+impl End {
+    /// Short stable label for reports (`close 1013`, `eof`).
+    pub fn label(&self) -> String {
+        match self {
+            End::Close(Some(code)) => format!("close {code}"),
+            End::Close(None) => "close (no code)".into(),
+            End::Eof => "eof".into(),
+            End::EofMidFrame => "eof mid-frame".into(),
+        }
+    }
+}
+
+/// What the text handler asks the connection to send back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// Nothing.
+    None,
+    /// An application-level `{"type":"pong"}`.
+    Pong,
+}
+
+/// Counters a connection bumps while reading frames.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FrameCounts {
+    /// Text frames that were part of a fragmented message (not measured).
+    pub fragmented: u64,
+}
+
+/// A client WebSocket connection.
+///
+/// The socket is an `AsyncFd` rather than a tokio `TcpStream` so that a read that did
+/// not fill the buffer can clear readiness itself: a `TcpStream` only clears it on
+/// `WouldBlock`, which costs a second `recv` per delivery.
+#[derive(Debug)]
+pub struct WsConn {
+    fd: AsyncFd<std::net::TcpStream>,
+    pending: Vec<u8>,
+    out: Vec<u8>,
+    rng: MaskRng,
+}
+
+/// Appends the frame a [`Reply`] asks for.
+fn push_reply(out: &mut Vec<u8>, rng: &mut MaskRng, reply: Reply) {
+    match reply {
+        Reply::None => {}
+        Reply::Pong => {
+            let pong = br#"{"type":"pong"}"#;
+            wire::encode_client_frame(out, opcode::TEXT, pong, rng.next_mask());
+        }
+    }
+}
+
+/// Opens a TCP connection from source address `127.0.0.<1 + spread % source_addrs>`.
+///
+/// `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect`, so each source address
+/// offers its whole ephemeral range per destination instead of a port per bind.
+pub async fn connect(
+    addr: SocketAddr,
+    spread: usize,
+    source_addrs: u8,
+    rcvbuf: usize,
+) -> Result<TcpStream, Fail> {
+    let socket =
+        Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(Fail::Connect)?;
+    let k = usize::from(source_addrs.max(1));
+    // (spread % k) < 255, so the cast cannot truncate.
+    let src = Ipv4Addr::new(127, 0, 0, 1 + (spread % k) as u8);
+    if k > 1 || src != Ipv4Addr::LOCALHOST {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on an fd we own, with a valid pointer and length for an int.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Fail::Connect(io::Error::last_os_error()));
+        }
+        socket
+            .bind(&SocketAddr::new(IpAddr::V4(src), 0).into())
+            .map_err(Fail::Connect)?;
+    }
+    if rcvbuf > 0 {
+        // Before connect, so the advertised window scale matches the small buffer.
+        socket.set_recv_buffer_size(rcvbuf).map_err(Fail::Connect)?;
+    }
+    socket.set_tcp_nodelay(true).map_err(Fail::Connect)?;
+    socket.set_nonblocking(true).map_err(Fail::Connect)?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    socket.connect(addr).await.map_err(Fail::Connect)
+}
+
+impl WsConn {
+    /// Performs the upgrade on a connected stream; bytes after the 101 head are kept.
+    pub async fn upgrade(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        seed: u64,
+    ) -> Result<WsConn, Fail> {
+        stream.write_all(&wire::upgrade_request(host, path)).await?;
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        let head_len = loop {
+            stream.readable().await?;
+            match stream.try_read(&mut chunk) {
+                Ok(0) => return Err(Fail::Ended(End::Eof)),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Fail::Io(e)),
+            }
+            if let Some(end) = wire::head_end(&buf) {
+                break end;
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(Fail::Upgrade(0));
+            }
+        };
+        match wire::response_status(&buf[..head_len]) {
+            Some(101) => {}
+            Some(s) => return Err(Fail::Upgrade(s)),
+            None => return Err(Fail::Upgrade(0)),
+        }
+        buf.drain(..head_len);
+        buf.shrink_to_fit();
+        let std = stream.into_std()?;
+        std.set_nonblocking(true)?;
+        // SAFETY: `register` requires that the fd stays open and owned by the AsyncFd
+        // for its whole registration; the std TcpStream owns it and moves in here.
+        let fd = unsafe { AsyncFd::register(std) }.map_err(|e| Fail::Io(e.into()))?;
+        Ok(WsConn {
+            fd,
+            pending: buf,
+            out: Vec::new(),
+            rng: MaskRng::new(seed),
+        })
+    }
+
+    /// Sends one masked text frame.
+    pub async fn send_text(&mut self, text: &[u8]) -> io::Result<()> {
+        self.out.clear();
+        let mask = self.rng.next_mask();
+        wire::encode_client_frame(&mut self.out, opcode::TEXT, text, mask);
+        self.flush_out().await
+    }
+
+    /// Sends a close frame with `code` (RFC 6455 §5.5.1).
+    pub async fn send_close(&mut self, code: u16) -> io::Result<()> {
+        self.out.clear();
+        let mask = self.rng.next_mask();
+        wire::encode_client_frame(&mut self.out, opcode::CLOSE, &code.to_be_bytes(), mask);
+        self.flush_out().await
+    }
+
+    async fn flush_out(&mut self) -> io::Result<()> {
+        let mut done = 0;
+        while done < self.out.len() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| fd.get_ref().write(&self.out[done..])) {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => done += n,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Waits for readability, reads once into `scratch` and hands each complete text
+    /// frame to `on_text` with the time of the read (one clock reading per read, not per
+    /// frame). Answers pings. Returns `Ok(Some(end))` once the server ended the stream.
+    pub async fn read_some(
+        &mut self,
+        scratch: &RefCell<Vec<u8>>,
+        counts: &mut FrameCounts,
+        mut on_text: impl FnMut(&[u8], u64) -> Reply,
+    ) -> Result<Option<End>, Fail> {
+        let mut guard = self.fd.readable().await?;
+        let mut end = None;
+        {
+            let mut scratch = scratch.borrow_mut();
+            let held = self.pending.len();
+            let want = wire::frame_len_hint(&self.pending).unwrap_or(0).max(held) + READ_CHUNK;
+            if scratch.len() < want {
+                scratch.resize(want, 0);
+            }
+            scratch[..held].copy_from_slice(&self.pending);
+            let space = scratch.len() - held;
+            let n = match guard.get_inner().read(&mut scratch[held..]) {
+                Ok(0) if held > 0 => return Ok(Some(End::EofMidFrame)),
+                Ok(0) => return Ok(Some(End::Eof)),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    return Ok(None);
+                }
+                Err(e) => return Err(Fail::Io(e)),
+            };
+            if n < space {
+                // The socket is drained. Readiness is edge-triggered and tracked by tick,
+                // so data arriving after this read still wakes the next `readable()`.
+                guard.clear_ready();
+            }
+            let now = wire::now_ns();
+            let data = &scratch[..held + n];
+            let mut pos = 0;
+            while let Some((frame, used)) = wire::parse_server_frame(&data[pos..])? {
+                pos += used;
+                match frame.opcode {
+                    opcode::TEXT if frame.fin => {
+                        let reply = on_text(frame.payload, now);
+                        push_reply(&mut self.out, &mut self.rng, reply);
+                    }
+                    opcode::TEXT | opcode::CONTINUATION => counts.fragmented += 1,
+                    opcode::PING => {
+                        let mask = self.rng.next_mask();
+                        wire::encode_client_frame(&mut self.out, opcode::PONG, frame.payload, mask);
+                    }
+                    opcode::CLOSE => {
+                        let code = (frame.payload.len() >= 2)
+                            .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                        end = Some(End::Close(code));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            self.pending.clear();
+            if end.is_none() {
+                self.pending.extend_from_slice(&data[pos..]);
+            }
+        }
+        self.flush_out().await?;
+        Ok(end)
+    }
+}

@@ -1,0 +1,52 @@
+//! The tidings load-test harness and its two comparison servers.
+//!
+//! Layout:
+//! - [`wire`]: sans-IO WebSocket frames, handshake, event scanning, HTTP heads;
+//! - [`conn`]: one cheap client connection (raw frames, shared scratch buffer);
+//! - [`worker`]: a client worker process (single-threaded tokio runtime);
+//! - [`coord`]: the coordinator's handle on worker processes and result merging;
+//! - [`run`]: one measured run (connect, churn, publish, drain, sample the server);
+//! - [`scenarios`]: `idle`, `fanout`, `churn`, `slow` as plans and figures;
+//! - [`target`]: spawning or attaching to the server, `/proc` memory and CPU;
+//! - [`publisher`], [`histo`], [`report`], [`server`]: HTTP publishing, latency
+//!   histograms, tables/JSON, and what the comparison servers share.
+//!
+//! The binaries are `tidings-loadtest` (the harness), `tidings-floor` (the physical
+//! floor: one pre-encoded frame written to every socket from one thread per core) and
+//! `tidings-naive` (a task pair per connection, a broadcast channel, serialization per
+//! subscriber).
+#![deny(missing_docs)]
+
+pub mod conn;
+pub mod coord;
+pub mod histo;
+pub mod publisher;
+pub mod report;
+pub mod run;
+pub mod scenarios;
+pub mod server;
+pub mod target;
+pub mod wire;
+pub mod worker;
+
+/// The harness's error type: every failure here ends a run with a message.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Raises the soft open-file limit to the hard one (each process holds one file per
+/// connection; the coordinator keeps every process within the hard limit).
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

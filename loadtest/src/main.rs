@@ -1,0 +1,293 @@
+//! `tidings-loadtest`: measures a tidings gateway (or the floor and naive comparison
+//! servers) with the same client, one scenario per subcommand. See loadtest/README.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use tidings_loadtest::Result;
+use tidings_loadtest::report::{self, Row};
+use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
+use tidings_loadtest::scenarios::{self, Scenario};
+use tidings_loadtest::target::Target;
+
+/// Load-test harness for tidings: idle memory, fan-out latency, churn, slow consumers.
+#[derive(Parser, Debug)]
+#[command(name = "tidings-loadtest", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// N subscribed, quiet connections: server RSS growth per connection, connect rate.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long, short = 'n', default_value_t = 1000)]
+        connections: usize,
+    },
+    /// N subscribers over T topics, R publications/s of P bytes for D seconds: latency,
+    /// loss, duplicates, server CPU per delivery.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Connections opening and closing at a rate while publishing: failures, and
+    /// whether server memory returns to its baseline.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+        /// New connections per second (each subscribes, stays, then leaves).
+        #[arg(long, default_value_t = 500.0)]
+        churn_rate: f64,
+        /// How long each churn connection stays (ms).
+        #[arg(long, default_value_t = 1000)]
+        hold_ms: u64,
+        /// RSS may exceed the baseline by this many percent (plus 1 MiB) and still count
+        /// as returned.
+        #[arg(long, default_value_t = 10.0)]
+        tolerance_pct: f64,
+    },
+    /// A fraction of subscribers stop reading: the others' latency, server memory
+    /// boundedness, and how many slow ones the server closed. Defaults send 800 KB/s per
+    /// subscriber, enough to fill kernel buffers and a 1 MiB server queue within seconds.
+    #[command(
+        mut_arg("rate", |a| a.default_value("50")),
+        mut_arg("payload", |a| a.default_value("16384"))
+    )]
+    Slow {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+        /// Fraction of subscribers that stop reading once subscribed.
+        #[arg(long, default_value_t = 0.1)]
+        slow_fraction: f64,
+        /// SO_RCVBUF of slow subscribers in bytes (small, so the server's own queue
+        /// fills instead of kernel buffers; 0 = kernel default).
+        #[arg(long, default_value_t = 4096)]
+        slow_rcvbuf: usize,
+    },
+    /// Internal: one client worker process (spec and commands on stdin).
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Where the server is and how the client behaves.
+#[derive(Args, Debug)]
+struct Common {
+    /// Spawn this server binary with `serve --listen 127.0.0.1:0` (repeat to measure
+    /// several servers in one run, one table column each).
+    #[arg(long, value_name = "PATH")]
+    spawn: Vec<PathBuf>,
+    /// Extra argument for spawned servers (repeatable).
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// A running server, `http://host:port` (loopback only).
+    #[arg(long, conflicts_with = "spawn")]
+    url: Option<String>,
+    /// The running server's pid, for memory and CPU figures.
+    #[arg(long, requires = "url")]
+    pid: Option<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// WebSocket upgrade path.
+    #[arg(long, default_value = "/ws")]
+    path: String,
+    /// Topic prefix: topics are PREFIX:0 .. PREFIX:T-1.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Spread client sockets over source addresses 127.0.0.1 ..= 127.0.0.K.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=254))]
+    source_addrs: u8,
+    /// Most connections per client process (each stays under 20,000 open files).
+    #[arg(long, default_value_t = 18_000)]
+    per_process: usize,
+    /// Least number of client processes.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Connection attempts in flight per client process.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Connect + upgrade + subscribe timeout (ms).
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Settle time before memory samples (ms).
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// How long subscribers may take to receive the last publications (ms).
+    #[arg(long, default_value_t = 5000)]
+    drain_ms: u64,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Subscribers and publishing.
+#[derive(Args, Debug)]
+struct Load {
+    /// Subscribers (connections opened before publishing).
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    subscribers: usize,
+    /// Topics the subscribers spread over (subscriber i takes topic i % T).
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
+    /// Publications per second, over all topics (round-robin).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Payload size in bytes (a JSON object carrying the send time, padded).
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+}
+
+impl Load {
+    fn plan(&self) -> Plan {
+        Plan {
+            conns: self.subscribers,
+            topics: self.topics.max(1),
+            slow_fraction: 0.0,
+            slow_rcvbuf: 0,
+            churn_rate: 0.0,
+            churn_hold: Duration::ZERO,
+            publish: Some(Publishing {
+                rate: self.rate,
+                payload: self.payload,
+                duration: Duration::from_secs_f64(self.duration.max(0.0)),
+            }),
+        }
+    }
+
+    fn params(&self) -> serde_json::Value {
+        json!({
+            "subscribers": self.subscribers, "topics": self.topics, "rate": self.rate,
+            "payload": self.payload, "duration_s": self.duration,
+        })
+    }
+}
+
+fn main() {
+    tidings_loadtest::raise_nofile_limit();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Worker => tidings_loadtest::worker::run(),
+        cmd => measure(cmd),
+    };
+    if let Err(e) = res {
+        eprintln!("tidings-loadtest: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn measure(cmd: Cmd) -> Result<()> {
+    let (scenario, common, plan, params, tolerance) = match cmd {
+        Cmd::Idle {
+            common,
+            connections,
+        } => {
+            let plan = Plan {
+                conns: connections,
+                topics: 1,
+                slow_fraction: 0.0,
+                slow_rcvbuf: 0,
+                churn_rate: 0.0,
+                churn_hold: Duration::ZERO,
+                publish: None,
+            };
+            let params = json!({ "connections": connections });
+            (Scenario::Idle, common, plan, params, 0.0)
+        }
+        Cmd::Fanout { common, load } => (Scenario::Fanout, common, load.plan(), load.params(), 0.0),
+        Cmd::Churn {
+            common,
+            load,
+            churn_rate,
+            hold_ms,
+            tolerance_pct,
+        } => {
+            let mut plan = load.plan();
+            plan.churn_rate = churn_rate;
+            plan.churn_hold = Duration::from_millis(hold_ms);
+            let mut params = load.params();
+            params["churn_rate"] = json!(churn_rate);
+            params["hold_ms"] = json!(hold_ms);
+            (Scenario::Churn, common, plan, params, tolerance_pct)
+        }
+        Cmd::Slow {
+            common,
+            load,
+            slow_fraction,
+            slow_rcvbuf,
+        } => {
+            let mut plan = load.plan();
+            plan.slow_fraction = slow_fraction.clamp(0.0, 1.0);
+            plan.slow_rcvbuf = slow_rcvbuf;
+            let mut params = load.params();
+            params["slow_fraction"] = json!(slow_fraction);
+            params["slow_rcvbuf"] = json!(slow_rcvbuf);
+            (Scenario::Slow, common, plan, params, 0.0)
+        }
+        Cmd::Worker => return Err("worker is not a scenario".into()),
+    };
+    let opts = ClientOpts {
+        path: common.path.clone(),
+        prefix: common.prefix.clone(),
+        source_addrs: common.source_addrs,
+        per_process: common.per_process,
+        processes: common.processes,
+        concurrency: common.concurrency,
+        timeout: Duration::from_millis(common.timeout_ms),
+        settle: Duration::from_millis(common.settle_ms),
+        drain: Duration::from_millis(common.drain_ms),
+        progress: !common.quiet && !common.json,
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    if let Some(url) = &common.url {
+        let mut target = Target::attach(url, common.pid)?;
+        let data = run::run(&mut target, &plan, &opts)?;
+        rows.push(scenarios::row(
+            scenario,
+            &target.label,
+            &plan,
+            &data,
+            tolerance,
+        ));
+    } else if common.spawn.is_empty() {
+        return Err("give --spawn PATH (repeatable) or --url http://host:port".into());
+    }
+    for path in &common.spawn {
+        let mut target = Target::spawn(path, &common.server_args)?;
+        if opts.progress {
+            eprintln!("{}: {} on {}", scenario.name(), target.label, target.addr);
+        }
+        let data = run::run(&mut target, &plan, &opts)?;
+        rows.push(scenarios::row(
+            scenario,
+            &target.label,
+            &plan,
+            &data,
+            tolerance,
+        ));
+        // Dropping the target stops the server before the next one starts.
+    }
+    if common.json {
+        let doc = report::to_json(scenario.name(), params, &rows);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        let title = format!("{} {}", scenario.name(), params);
+        print!("{}", report::to_table(&title, &rows));
+    }
+    Ok(())
+}

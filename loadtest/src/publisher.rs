@@ -1,0 +1,131 @@
+//! A minimal blocking HTTP/1.1 keep-alive client for `POST /v1/topics/{topic}/events`.
+//!
+//! One TCP connection, one request in flight; hand-written because the publisher runs on
+//! the coordinator's thread between progress updates and must cost next to nothing.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::Result;
+use crate::wire;
+
+/// How long one publish may take before the run is declared broken.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest response head or body the publisher accepts (bytes).
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// The outcome of one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// HTTP status.
+    pub status: u16,
+    /// The offset from a 202 body, if any.
+    pub offset: Option<u64>,
+}
+
+/// A keep-alive publisher connection that reconnects once when the server closed it.
+#[derive(Debug)]
+pub struct Publisher {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    req: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Publisher {
+    /// A publisher for the server at `addr` (connects lazily).
+    pub fn new(addr: SocketAddr) -> Publisher {
+        Publisher {
+            addr,
+            stream: None,
+            req: Vec::with_capacity(4096),
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Publishes `body` on `topic` and waits for the response.
+    pub fn publish(&mut self, topic: &str, body: &[u8]) -> Result<Published> {
+        self.req.clear();
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            self.req,
+            "POST /v1/topics/{topic}/events HTTP/1.1\r\nHost: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        self.req.extend_from_slice(body);
+        match self.round_trip() {
+            Ok(p) => Ok(p),
+            Err(_) => {
+                // A keep-alive connection may have been closed by the server between
+                // requests: retry once on a fresh connection.
+                self.stream = None;
+                self.round_trip()
+            }
+        }
+    }
+
+    fn round_trip(&mut self) -> Result<Published> {
+        if self.stream.is_none() {
+            let s = TcpStream::connect_timeout(&self.addr, PUBLISH_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(PUBLISH_TIMEOUT))?;
+            self.stream = Some(s);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Err("no publisher connection".into());
+        };
+        stream.write_all(&self.req)?;
+        self.buf.clear();
+        let head_len = loop {
+            if let Some(end) = wire::head_end(&self.buf) {
+                break end;
+            }
+            if self.buf.len() > MAX_RESPONSE {
+                return Err("publish response head too large".into());
+            }
+            read_more(stream, &mut self.buf)?;
+        };
+        let head = &self.buf[..head_len];
+        let status = wire::response_status(head).ok_or("malformed publish response")?;
+        let text = std::str::from_utf8(head).map_err(|_| "non-UTF-8 response head")?;
+        let mut content_length = 0usize;
+        let mut close = false;
+        for line in text.split("\r\n").skip(1) {
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    content_length = v.trim().parse().map_err(|_| "bad Content-Length")?;
+                } else if k.eq_ignore_ascii_case("connection")
+                    && v.trim().eq_ignore_ascii_case("close")
+                {
+                    close = true;
+                }
+            }
+        }
+        if content_length > MAX_RESPONSE {
+            return Err("publish response body too large".into());
+        }
+        while self.buf.len() < head_len + content_length {
+            read_more(stream, &mut self.buf)?;
+        }
+        let body = &self.buf[head_len..head_len + content_length];
+        let offset = wire::number_after(body, b"\"offset\":");
+        if close {
+            self.stream = None;
+        }
+        Ok(Published { status, offset })
+    }
+}
+
+fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 4096];
+    let n = stream.read(&mut chunk)?;
+    if n == 0 {
+        return Err("publisher connection closed".into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}

@@ -1,0 +1,640 @@
+//! A client worker process: opens its share of the connections on a single-threaded
+//! tokio runtime (the gateway needs the other core), measures what it receives, and talks
+//! to the coordinator in JSON lines — commands on stdin, progress and the result on stdout.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::Result;
+use crate::conn::{self, Fail, FrameCounts, Reply, WsConn};
+use crate::histo;
+use crate::target::ProcSample;
+use crate::wire::{self, ServerText};
+
+/// How often a worker reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// How often the drain phase checks whether every subscriber has everything.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// What one worker process is asked to do (first line of its stdin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// The server.
+    pub addr: SocketAddr,
+    /// Upgrade path.
+    pub path: String,
+    /// Global index of this worker's first connection (topic and source address spread).
+    pub first: usize,
+    /// Connections this worker opens and keeps (regular and slow).
+    pub count: usize,
+    /// Topics `PREFIX:0 .. PREFIX:T-1`; connection `i` subscribes to `i % T`.
+    pub topics: usize,
+    /// Topic name prefix.
+    pub prefix: String,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.k.
+    pub source_addrs: u8,
+    /// Connection attempts in flight at once.
+    pub concurrency: usize,
+    /// Fraction of connections that stop reading once subscribed.
+    pub slow_fraction: f64,
+    /// `SO_RCVBUF` of slow connections (0 = kernel default).
+    pub slow_rcvbuf: usize,
+    /// Connects per second this worker adds while churn runs.
+    pub churn_rate: f64,
+    /// How long a churn connection stays subscribed before closing.
+    pub churn_hold_ms: u64,
+    /// Connect + upgrade + subscribe deadline.
+    pub timeout_ms: u64,
+}
+
+impl WorkerSpec {
+    /// Whether global connection `i` is one of the slow ones: spread evenly, so that a
+    /// fraction f marks exactly ⌊N·f⌋ of any prefix of N connections.
+    pub fn is_slow(&self, i: usize) -> bool {
+        let f = self.slow_fraction;
+        f > 0.0 && ((i + 1) as f64 * f).floor() > (i as f64 * f).floor()
+    }
+
+    /// The topic connection `i` subscribes to.
+    pub fn topic(&self, i: usize) -> String {
+        format!("{}:{}", self.prefix, i % self.topics.max(1))
+    }
+}
+
+/// Coordinator → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Start opening and closing churn connections.
+    ChurnStart,
+    /// Stop starting churn connections (open ones finish their hold).
+    ChurnStop,
+    /// Publishing is over: `published[t]` publications went to topic `t`. Wait up to
+    /// `drain_ms` for every subscriber to have them all, then report and exit.
+    Stop {
+        /// Publications per topic index.
+        published: Vec<u64>,
+        /// Drain deadline in milliseconds.
+        drain_ms: u64,
+    },
+}
+
+/// Worker → coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Report {
+    /// Periodic counters.
+    Progress(Progress),
+    /// Every connection of the initial set finished connecting (or failed).
+    Ready(Progress),
+    /// Final result; the worker exits after it.
+    Result(Box<WorkerResult>),
+}
+
+/// Live counters of a worker.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Connections subscribed.
+    pub subscribed: u64,
+    /// Connections that failed to connect, upgrade or subscribe.
+    pub failed: u64,
+    /// Subscribed connections the server has since closed.
+    pub closed: u64,
+    /// Churn connections that subscribed.
+    pub churn_ok: u64,
+    /// Churn connections that failed.
+    pub churn_failed: u64,
+    /// Churn connections currently open.
+    pub churn_open: u64,
+    /// Milliseconds since the worker started.
+    pub elapsed_ms: u64,
+}
+
+/// Everything a worker measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerResult {
+    /// Final counters.
+    pub progress: Progress,
+    /// Milliseconds from start until the last initial connection subscribed.
+    pub connect_ms: u64,
+    /// Failures by kind (initial and churn connections).
+    pub fail_reasons: BTreeMap<String, u64>,
+    /// Events received by regular subscribers.
+    pub deliveries: u64,
+    /// Events whose offset was not above the last one seen on that connection.
+    pub duplicates: u64,
+    /// Events regular subscribers should have received.
+    pub expected: u64,
+    /// Expected events never received.
+    pub lost: u64,
+    /// Fragmented text frames (not measured).
+    pub fragmented: u64,
+    /// Latency histogram in µs (hdrhistogram V2, base64).
+    pub histogram: String,
+    /// How the server ended regular subscribers, by kind.
+    pub regular_closed: BTreeMap<String, u64>,
+    /// Slow subscribers in this worker.
+    pub slow_total: u64,
+    /// How slow subscribers ended up, by kind (`close 1013`, `eof`, `still open`).
+    pub slow_outcomes: BTreeMap<String, u64>,
+    /// The worker's own CPU seconds (user, system).
+    pub client_cpu_s: (f64, f64),
+}
+
+/// The life of one of the initial connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Connecting,
+    Subscribed,
+    Failed,
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConnRecord {
+    topic: usize,
+    slow: bool,
+    state: ConnState,
+    unique: u64,
+    max_seen: u64,
+}
+
+/// When the run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Running,
+    Drain,
+}
+
+/// State shared by every task of the worker (one thread, so `Cell`/`RefCell`).
+struct Shared {
+    spec: WorkerSpec,
+    host: String,
+    start: Instant,
+    scratch: RefCell<Vec<u8>>,
+    hist: RefCell<Histogram<u64>>,
+    conns: RefCell<Vec<ConnRecord>>,
+    progress: Cell<Progress>,
+    last_connect_ms: Cell<u64>,
+    deliveries: Cell<u64>,
+    duplicates: Cell<u64>,
+    counts: Cell<FrameCounts>,
+    fail_reasons: RefCell<BTreeMap<String, u64>>,
+    regular_closed: RefCell<BTreeMap<String, u64>>,
+    slow_outcomes: RefCell<BTreeMap<String, u64>>,
+    phase: watch::Sender<Phase>,
+    churn_on: Cell<bool>,
+}
+
+impl Shared {
+    fn bump(&self, f: impl FnOnce(&mut Progress)) {
+        let mut p = self.progress.get();
+        f(&mut p);
+        self.progress.set(p);
+    }
+
+    fn count(map: &RefCell<BTreeMap<String, u64>>, key: String) {
+        *map.borrow_mut().entry(key).or_default() += 1;
+    }
+
+    fn snapshot(&self) -> Progress {
+        let mut p = self.progress.get();
+        p.elapsed_ms = ms(self.start.elapsed());
+        p
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs a worker: reads its spec from stdin, works, prints its result, returns.
+pub fn run() -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut first = String::new();
+    stdin.lock().read_line(&mut first)?;
+    let spec: WorkerSpec = serde_json::from_str(&first)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            match serde_json::from_str::<Command>(&line) {
+                Ok(cmd) => {
+                    if tx.send(cmd).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => eprintln!("worker: bad command {line:?}: {e}"),
+            }
+        }
+        // The coordinator is gone: nobody will read our result.
+        std::process::exit(2);
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&rt, work(spec, rx))?;
+    emit(&Report::Result(Box::new(result)))?;
+    // Exiting closes every socket at once; dropping 10k tasks one by one buys nothing.
+    std::process::exit(0)
+}
+
+fn emit(report: &Report) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, report)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Result<WorkerResult> {
+    let (phase, _) = watch::channel(Phase::Running);
+    let records = (0..spec.count)
+        .map(|i| ConnRecord {
+            topic: (spec.first + i) % spec.topics.max(1),
+            slow: spec.is_slow(spec.first + i),
+            state: ConnState::Connecting,
+            unique: 0,
+            max_seen: 0,
+        })
+        .collect();
+    let shared = Rc::new(Shared {
+        host: spec.addr.to_string(),
+        spec,
+        start: Instant::now(),
+        scratch: RefCell::new(Vec::new()),
+        hist: RefCell::new(histo::new()),
+        conns: RefCell::new(records),
+        progress: Cell::new(Progress::default()),
+        last_connect_ms: Cell::new(0),
+        deliveries: Cell::new(0),
+        duplicates: Cell::new(0),
+        counts: Cell::new(FrameCounts::default()),
+        fail_reasons: RefCell::default(),
+        regular_closed: RefCell::default(),
+        slow_outcomes: RefCell::default(),
+        phase,
+        churn_on: Cell::new(false),
+    });
+    let permits = Rc::new(Semaphore::new(shared.spec.concurrency.max(1)));
+    for i in 0..shared.spec.count {
+        tokio::task::spawn_local(initial_conn(shared.clone(), permits.clone(), i));
+    }
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    let mut ready_sent = false;
+    let (published, drain_ms) = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let p = shared.snapshot();
+                let done = p.subscribed + p.failed >= shared.spec.count as u64;
+                if done && !ready_sent {
+                    ready_sent = true;
+                    emit(&Report::Ready(p))?;
+                } else {
+                    emit(&Report::Progress(p))?;
+                }
+            }
+            cmd = rx.recv() => match cmd {
+                Some(Command::ChurnStart) => {
+                    shared.churn_on.set(true);
+                    tokio::task::spawn_local(churn_driver(shared.clone()));
+                }
+                Some(Command::ChurnStop) => shared.churn_on.set(false),
+                Some(Command::Stop { published, drain_ms }) => break (published, drain_ms),
+                None => return Err("command channel closed".into()),
+            }
+        }
+    };
+    shared.churn_on.set(false);
+    shared.phase.send_replace(Phase::Drain);
+    let deadline = Instant::now() + Duration::from_millis(drain_ms);
+    while Instant::now() < deadline && !drained(&shared, &published) {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    Ok(finish(&shared, &published))
+}
+
+/// Whether every live regular subscriber has all its topic's publications and every
+/// slow subscriber has resolved.
+fn drained(shared: &Shared, published: &[u64]) -> bool {
+    shared.conns.borrow().iter().all(|r| match r.state {
+        ConnState::Subscribed if r.slow => false,
+        ConnState::Subscribed => r.unique >= published.get(r.topic).copied().unwrap_or(0),
+        ConnState::Connecting => false,
+        ConnState::Failed | ConnState::Ended => true,
+    })
+}
+
+fn finish(shared: &Shared, published: &[u64]) -> WorkerResult {
+    let mut expected = 0;
+    let mut lost = 0;
+    let mut slow_total = 0;
+    for r in shared.conns.borrow().iter() {
+        if r.slow {
+            slow_total += 1;
+            if r.state == ConnState::Subscribed {
+                Shared::count(&shared.slow_outcomes, "still open".into());
+            }
+            continue;
+        }
+        if matches!(r.state, ConnState::Subscribed | ConnState::Ended) {
+            let want = published.get(r.topic).copied().unwrap_or(0);
+            expected += want;
+            lost += want.saturating_sub(r.unique);
+        }
+    }
+    let cpu = ProcSample::current().unwrap_or_default();
+    WorkerResult {
+        progress: shared.snapshot(),
+        connect_ms: shared.last_connect_ms.get(),
+        fail_reasons: shared.fail_reasons.borrow().clone(),
+        deliveries: shared.deliveries.get(),
+        duplicates: shared.duplicates.get(),
+        expected,
+        lost,
+        fragmented: shared.counts.get().fragmented,
+        histogram: histo::encode(&shared.hist.borrow()),
+        regular_closed: shared.regular_closed.borrow().clone(),
+        slow_total,
+        slow_outcomes: shared.slow_outcomes.borrow().clone(),
+        client_cpu_s: (cpu.user_s, cpu.sys_s),
+    }
+}
+
+/// Connect, upgrade, subscribe to `topic` and wait for `subscribed`.
+async fn open_subscribed(
+    shared: &Shared,
+    global: usize,
+    topic: &str,
+    rcvbuf: usize,
+) -> std::result::Result<WsConn, Fail> {
+    let spec = &shared.spec;
+    let stream = conn::connect(spec.addr, global, spec.source_addrs, rcvbuf).await?;
+    let mut ws = WsConn::upgrade(stream, &shared.host, &spec.path, global as u64).await?;
+    let msg = format!(r#"{{"type":"subscribe","topics":["{topic}"]}}"#);
+    ws.send_text(msg.as_bytes()).await?;
+    let mut counts = FrameCounts::default();
+    loop {
+        let mut state = None;
+        let end = ws
+            .read_some(&shared.scratch, &mut counts, |text, _| {
+                match wire::classify(text) {
+                    ServerText::Subscribed => state = Some(Ok(())),
+                    ServerText::Error => state = Some(Err(Fail::SubscribeError)),
+                    ServerText::Ping => return Reply::Pong,
+                    _ => {}
+                }
+                Reply::None
+            })
+            .await?;
+        match state {
+            Some(Ok(())) => return Ok(ws),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+        if let Some(end) = end {
+            return Err(Fail::Ended(end));
+        }
+    }
+}
+
+async fn initial_conn(shared: Rc<Shared>, permits: Rc<Semaphore>, i: usize) {
+    let global = shared.spec.first + i;
+    let (slow, topic) = {
+        let r = shared.conns.borrow()[i];
+        (r.slow, r.topic)
+    };
+    let rcvbuf = if slow { shared.spec.slow_rcvbuf } else { 0 };
+    let topic = format!("{}:{topic}", shared.spec.prefix);
+    let timeout = Duration::from_millis(shared.spec.timeout_ms);
+    let opened = {
+        let Ok(_permit) = permits.acquire().await else {
+            return;
+        };
+        tokio::time::timeout(timeout, open_subscribed(&shared, global, &topic, rcvbuf)).await
+    };
+    let mut ws = match opened {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(fail)) => return failed(&shared, i, fail),
+        Err(_) => return failed(&shared, i, Fail::Timeout),
+    };
+    shared.conns.borrow_mut()[i].state = ConnState::Subscribed;
+    shared.bump(|p| p.subscribed += 1);
+    shared.last_connect_ms.set(ms(shared.start.elapsed()));
+    let outcome = if slow {
+        slow_conn(&shared, &mut ws).await
+    } else {
+        regular_conn(&shared, &mut ws, i).await
+    };
+    shared.conns.borrow_mut()[i].state = ConnState::Ended;
+    let map = if slow {
+        &shared.slow_outcomes
+    } else {
+        shared.bump(|p| p.closed += 1);
+        &shared.regular_closed
+    };
+    Shared::count(map, outcome);
+}
+
+fn failed(shared: &Shared, i: usize, fail: Fail) {
+    shared.conns.borrow_mut()[i].state = ConnState::Failed;
+    shared.bump(|p| p.failed += 1);
+    Shared::count(&shared.fail_reasons, fail.label());
+}
+
+/// Reads and measures until the server ends the connection; returns how it ended.
+async fn regular_conn(shared: &Shared, ws: &mut WsConn, i: usize) -> String {
+    let mut counts = FrameCounts::default();
+    loop {
+        let res = ws
+            .read_some(&shared.scratch, &mut counts, |text, now| {
+                on_event(shared, i, text, now)
+            })
+            .await;
+        if counts.fragmented > 0 {
+            let mut c = shared.counts.get();
+            c.fragmented += counts.fragmented;
+            shared.counts.set(c);
+            counts.fragmented = 0;
+        }
+        match res {
+            Ok(None) => {}
+            Ok(Some(end)) => return end.label(),
+            Err(fail) => return fail.label(),
+        }
+    }
+}
+
+/// The per-message work of a regular subscriber: a byte scan, a histogram record and
+/// an offset comparison; no allocation.
+fn on_event(shared: &Shared, i: usize, text: &[u8], now: u64) -> Reply {
+    match wire::classify(text) {
+        ServerText::Event(ev) => {
+            shared.deliveries.set(shared.deliveries.get() + 1);
+            {
+                let mut conns = shared.conns.borrow_mut();
+                let r = &mut conns[i];
+                if ev.offset <= r.max_seen {
+                    shared.duplicates.set(shared.duplicates.get() + 1);
+                } else {
+                    r.unique += 1;
+                    r.max_seen = ev.offset;
+                }
+            }
+            if let Some(t) = ev.t_ns {
+                let us = now.saturating_sub(t) / 1000;
+                shared.hist.borrow_mut().saturating_record(us.max(1));
+            }
+            Reply::None
+        }
+        ServerText::Ping => Reply::Pong,
+        _ => Reply::None,
+    }
+}
+
+/// A slow subscriber reads nothing until the drain phase, then reads everything the
+/// server sent to learn whether (and how) the server closed it.
+async fn slow_conn(shared: &Shared, ws: &mut WsConn) -> String {
+    let mut phase = shared.phase.subscribe();
+    if phase.wait_for(|p| *p >= Phase::Drain).await.is_err() {
+        return "worker stopped".into();
+    }
+    let mut counts = FrameCounts::default();
+    loop {
+        match ws
+            .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(end)) => return end.label(),
+            Err(fail) => return fail.label(),
+        }
+    }
+}
+
+/// Opens churn connections at the spec's rate while churn is on.
+async fn churn_driver(shared: Rc<Shared>) {
+    let rate = shared.spec.churn_rate;
+    if rate <= 0.0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut k = 0usize;
+    while shared.churn_on.get() {
+        tick.tick().await;
+        if !shared.churn_on.get() {
+            break;
+        }
+        tokio::task::spawn_local(churn_conn(shared.clone(), k));
+        k += 1;
+    }
+}
+
+/// One churn connection: subscribe, stay for the hold time, then leave — cleanly with a
+/// close frame for even `k`, abruptly (TCP close, no close frame) for odd `k`.
+async fn churn_conn(shared: Rc<Shared>, k: usize) {
+    let global = shared.spec.first + shared.spec.count + k;
+    let topic = shared.spec.topic(global);
+    let timeout = Duration::from_millis(shared.spec.timeout_ms);
+    let mut ws =
+        match tokio::time::timeout(timeout, open_subscribed(&shared, global, &topic, 0)).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(fail)) => {
+                shared.bump(|p| p.churn_failed += 1);
+                return Shared::count(&shared.fail_reasons, format!("churn {}", fail.label()));
+            }
+            Err(_) => {
+                shared.bump(|p| p.churn_failed += 1);
+                return Shared::count(&shared.fail_reasons, "churn timeout".into());
+            }
+        };
+    shared.bump(|p| {
+        p.churn_ok += 1;
+        p.churn_open += 1;
+    });
+    let hold = Duration::from_millis(shared.spec.churn_hold_ms);
+    let mut counts = FrameCounts::default();
+    let ended_early = tokio::time::timeout(hold, async {
+        loop {
+            match ws
+                .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
+    })
+    .await
+    .is_ok();
+    if ended_early {
+        Shared::count(&shared.fail_reasons, "churn closed by server".into());
+    } else if k.is_multiple_of(2) && ws.send_close(1000).await.is_ok() {
+        // Wait briefly for the server's close echo (RFC 6455 §5.5.1), then drop.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match ws
+                    .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
+                    .await
+                {
+                    Ok(None) => {}
+                    Ok(Some(_)) | Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+    drop(ws);
+    shared.bump(|p| p.churn_open -= 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(f: f64) -> WorkerSpec {
+        WorkerSpec {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            path: "/ws".into(),
+            first: 0,
+            count: 0,
+            topics: 3,
+            prefix: "bench".into(),
+            source_addrs: 1,
+            concurrency: 1,
+            slow_fraction: f,
+            slow_rcvbuf: 0,
+            churn_rate: 0.0,
+            churn_hold_ms: 0,
+            timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn slow_fraction_is_exact_and_spread() {
+        let s = spec(0.1);
+        let slow: Vec<usize> = (0..100).filter(|&i| s.is_slow(i)).collect();
+        assert_eq!(slow.len(), 10);
+        assert_eq!(slow[0], 9);
+        assert_eq!(slow[1], 19);
+        assert!(!(0..100).any(|i| spec(0.0).is_slow(i)));
+        assert!((0..100).all(|i| spec(1.0).is_slow(i)));
+    }
+
+    #[test]
+    fn topics_round_robin() {
+        let s = spec(0.0);
+        assert_eq!(s.topic(4), "bench:1");
+    }
+}

@@ -1,0 +1,621 @@
+//! A shard: one thread with its own event loop (mio), owning a share of the connections.
+//!
+//! The thread owns its connections outright: their sockets, outboxes and protocol state
+//! live in its slab, and its subscription index maps topics to slab slots. Publications,
+//! new connections and shutdown arrive as jobs on a channel, with a waker to interrupt the
+//! poll. Because a publication goes to every shard at once, its fan-out runs on every core,
+//! and each socket is written by the thread that owns it: no lock, no task wake-up, one
+//! `send` per up-to-date subscriber.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, TryRecvError};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::connection::{
+    Admit, Connection, Delivery, ECHO_MAX_MESSAGE, Inbound, Mode, Phase, RateLimiter, Subscription,
+};
+use super::index::{Index, SlotId};
+use super::{Job, Shared, SubscribeError};
+use crate::heartbeat::{self, Action, Wheel};
+use crate::metrics::CloseReason;
+use crate::proto::CloseCode;
+use crate::proto::frame::{self, Kind};
+use crate::proto::message::{ClientMessage, ServerMessage, now_ms, parse_client};
+use crate::topic::{Pattern, validate_topic};
+
+/// The token of the shard's waker; connection tokens are slab keys.
+pub const WAKER: Token = Token(usize::MAX);
+
+/// Size of the shard's read buffer. Big enough for a whole default-size message in one
+/// read; only an incomplete frame is ever copied out of it.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// Reads handled for one connection per event before serving others, so a flooding peer
+/// cannot starve the rest of the shard.
+const READ_BUDGET: usize = 16;
+
+/// Events taken from one poll.
+const EVENTS_PER_POLL: usize = 1024;
+
+/// One shard's event loop and everything it owns.
+pub struct Shard {
+    poll: Poll,
+    jobs: Receiver<Job>,
+    shared: Arc<Shared>,
+    slots: Slab<Connection>,
+    index: Index,
+    /// Sequence number of the last publication fanned out, for once-per-connection delivery.
+    seq: u64,
+    next_generation: u32,
+    /// Heartbeat and close deadlines, by (slot, generation).
+    wheel: Wheel<(SlotId, u32)>,
+    scratch: Box<[u8]>,
+    started: Instant,
+    tick: Duration,
+    interval_ticks: u32,
+    timeout_ticks: u32,
+    close_ticks: u32,
+    /// Connections whose read budget ran out with data possibly left (edge-triggered
+    /// readiness will not report them again).
+    more_to_read: Vec<(SlotId, u32)>,
+    /// Reused buffers.
+    targets: Vec<SlotId>,
+    due: Vec<(SlotId, u32)>,
+}
+
+impl Shard {
+    /// Creates a shard around its poll (whose waker the hub holds) and job channel.
+    pub fn new(poll: Poll, jobs: Receiver<Job>, shared: Arc<Shared>) -> Shard {
+        let config = &shared.config;
+        let tick = heartbeat::tick_for(config.ping_interval, config.pong_timeout)
+            .min((config.close_timeout / 10).max(heartbeat::MIN_TICK));
+        let interval_ticks = heartbeat::ticks(config.ping_interval, tick);
+        let timeout_ticks = heartbeat::ticks(config.pong_timeout, tick);
+        let close_ticks = heartbeat::ticks(config.close_timeout, tick);
+        let span = (interval_ticks + timeout_ticks).max(close_ticks);
+        Shard {
+            poll,
+            jobs,
+            shared,
+            slots: Slab::new(),
+            index: Index::default(),
+            seq: 0,
+            next_generation: 0,
+            wheel: Wheel::new(span),
+            scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+            started: Instant::now(),
+            tick,
+            interval_ticks,
+            timeout_ticks,
+            close_ticks,
+            more_to_read: Vec::new(),
+            targets: Vec::new(),
+            due: Vec::new(),
+        }
+    }
+
+    fn now_tick(&self) -> u64 {
+        (self.started.elapsed().as_nanos() / self.tick.as_nanos().max(1)) as u64
+    }
+
+    fn now_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
+    }
+
+    /// Runs until the hub is dropped.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        loop {
+            let timeout = if self.more_to_read.is_empty() {
+                let next = (self.now_tick() + 1) as u128 * self.tick.as_nanos();
+                let elapsed = self.started.elapsed().as_nanos();
+                Duration::from_nanos(next.saturating_sub(elapsed) as u64)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                tracing::error!(error = %e, "shard poll failed");
+                return;
+            }
+            for event in events.iter() {
+                let token = event.token();
+                if token == WAKER {
+                    continue;
+                }
+                let slot = token.0 as SlotId;
+                if event.is_writable() {
+                    self.on_writable(slot);
+                }
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.on_readable(slot);
+                }
+            }
+            for (slot, generation) in std::mem::take(&mut self.more_to_read) {
+                if self
+                    .slots
+                    .get(slot as usize)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.on_readable(slot);
+                }
+            }
+            loop {
+                match self.jobs.try_recv() {
+                    Ok(job) => self.on_job(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.drop_all(CloseReason::Shutdown);
+                        return;
+                    }
+                }
+            }
+            let now = self.now_tick();
+            if now > self.wheel.now() {
+                self.on_tick(now);
+            }
+        }
+    }
+
+    fn on_job(&mut self, job: Job) {
+        match job {
+            Job::Publish { topic, frame } => self.fan_out(&topic, frame),
+            Job::Register {
+                stream,
+                leftover,
+                mode,
+            } => self.register(stream, &leftover, mode),
+            Job::CloseAll { code, reason } => {
+                let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
+                for key in keys {
+                    if let Some(conn) = self.slots.get_mut(key) {
+                        conn.close(code, reason, CloseReason::Shutdown, true);
+                    }
+                    self.settle(key as SlotId);
+                }
+            }
+            Job::DropAll => self.drop_all(CloseReason::Shutdown),
+        }
+    }
+
+    /// Writes one shared frame to every subscriber of `topic` on this shard.
+    fn fan_out(&mut self, topic: &str, frame: Bytes) {
+        self.seq += 1;
+        let seq = self.seq;
+        let targets = &mut self.targets;
+        self.index.for_each_match(topic, |slot| targets.push(slot));
+        let mut delivered = 0;
+        let mut unsettled = Vec::new();
+        for slot in self.targets.drain(..) {
+            let Some(conn) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            if conn.last_seq == seq {
+                continue;
+            }
+            conn.last_seq = seq;
+            match conn.send(frame.clone()) {
+                Delivery::Written | Delivery::Queued => delivered += 1,
+                Delivery::Overflowed | Delivery::Dropped => unsettled.push(slot),
+            }
+        }
+        self.shared.metrics.delivered(delivered);
+        for slot in unsettled {
+            self.settle(slot);
+        }
+        if self.targets.capacity() > 4096 {
+            self.targets.shrink_to(4096);
+        }
+    }
+
+    fn register(&mut self, stream: std::net::TcpStream, leftover: &[u8], mode: Mode) {
+        let mut stream = mio::net::TcpStream::from_std(stream);
+        let clock_ms = self.now_ms();
+        let entry = self.slots.vacant_entry();
+        let slot = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(error = %e, "cannot register a connection");
+            self.shared.connection_released(CloseReason::IoError);
+            return;
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let config = &self.shared.config;
+        let max_queued = match mode {
+            // An echoed message must fit the outbox whole.
+            Mode::Echo => config.max_queued_bytes.max(2 * ECHO_MAX_MESSAGE),
+            Mode::Gateway => config.max_queued_bytes,
+        };
+        let now = self.wheel.now();
+        let limiter = RateLimiter::new(config.rate_limit, clock_ms);
+        entry.insert(Connection::new(
+            stream, generation, mode, max_queued, now, limiter,
+        ));
+        let slot = slot as SlotId;
+        tracing::debug!(slot, generation, ?mode, "websocket open");
+        if !config.ping_interval.is_zero() {
+            self.wheel
+                .insert(now + u64::from(self.interval_ticks), (slot, generation));
+        }
+        if self.shared.is_shutting_down()
+            && let Some(conn) = self.slots.get_mut(slot as usize)
+        {
+            conn.close(
+                CloseCode::GoingAway,
+                "server shutting down",
+                CloseReason::Shutdown,
+                true,
+            );
+        }
+        if !leftover.is_empty() {
+            let max_message = self.max_message(mode);
+            let now_ms = self.now_ms();
+            let Shard {
+                slots,
+                index,
+                shared,
+                ..
+            } = self;
+            if let Some(conn) = slots.get_mut(slot as usize) {
+                conn.on_leftover(leftover, max_message, &mut |c, inbound| {
+                    serve(c, inbound, slot, index, shared, now_ms)
+                });
+            }
+        }
+        self.settle(slot);
+    }
+
+    fn max_message(&self, mode: Mode) -> usize {
+        match mode {
+            Mode::Gateway => self.shared.config.max_message_bytes,
+            Mode::Echo => ECHO_MAX_MESSAGE,
+        }
+    }
+
+    fn on_readable(&mut self, slot: SlotId) {
+        let now = self.wheel.now().max(self.now_tick());
+        let now_ms = self.now_ms();
+        let Some(mode) = self.slots.get(slot as usize).map(|c| c.mode) else {
+            return;
+        };
+        let max_message = self.max_message(mode);
+        let Shard {
+            slots,
+            index,
+            shared,
+            scratch,
+            more_to_read,
+            ..
+        } = self;
+        let Some(conn) = slots.get_mut(slot as usize) else {
+            return;
+        };
+        conn.last_seen = now;
+        let mut more = false;
+        let alive = conn.read(
+            scratch,
+            max_message,
+            READ_BUDGET,
+            &mut more,
+            &mut |c, inbound| serve(c, inbound, slot, index, shared, now_ms),
+        );
+        if !alive {
+            // EOF or a read error: the peer is gone. Without a close frame first, that is
+            // an I/O error; during a close handshake it ends the handshake.
+            conn.break_off(CloseReason::IoError);
+        } else if more {
+            more_to_read.push((slot, conn.generation));
+        }
+        self.settle(slot);
+    }
+
+    fn on_writable(&mut self, slot: SlotId) {
+        if let Some(conn) = self.slots.get_mut(slot as usize)
+            && conn.has_queued()
+        {
+            conn.flush();
+            self.settle(slot);
+        }
+    }
+
+    /// Moves a connection along after anything happened to it: flush what a reply queued,
+    /// end it when its close handshake is done or it broke, arm its close deadline.
+    fn settle(&mut self, slot: SlotId) {
+        let now = self.wheel.now().max(self.now_tick());
+        let Some(conn) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if conn.has_queued() && conn.phase != Phase::Broken {
+            conn.flush();
+        }
+        match conn.phase {
+            Phase::Open => {}
+            Phase::Broken => self.finish(slot),
+            Phase::CloseReceived | Phase::Failed if !conn.has_queued() => self.finish(slot),
+            Phase::CloseSent | Phase::CloseReceived | Phase::Failed => {
+                if conn.close_deadline.is_none() {
+                    let deadline = now + u64::from(self.close_ticks);
+                    conn.close_deadline = Some(deadline);
+                    let generation = conn.generation;
+                    self.wheel.insert(deadline, (slot, generation));
+                }
+            }
+        }
+    }
+
+    /// Ends a connection: out of the index and the slab, counted, FIN to the peer.
+    fn finish(&mut self, slot: SlotId) {
+        if !self.slots.contains(slot as usize) {
+            return;
+        }
+        let mut conn = self.slots.remove(slot as usize);
+        for sub in conn.subscriptions.drain(..) {
+            match sub {
+                Subscription::Topic(t) => self.index.remove_topic(&t, slot),
+                Subscription::Pattern(p) => self.index.remove_pattern(&p, slot),
+            }
+        }
+        let _ = self.poll.registry().deregister(conn.stream_mut());
+        // Counted before the peer can see the end, so what it observes is already counted.
+        self.shared.connection_released(conn.reason);
+        tracing::debug!(slot, reason = ?conn.reason, "websocket closed");
+        conn.shutdown();
+        if self.slots.is_empty() {
+            // Release the slab's memory after a wave of connections has gone.
+            self.slots.shrink_to_fit();
+        }
+    }
+
+    fn drop_all(&mut self, reason: CloseReason) {
+        let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            if let Some(conn) = self.slots.get_mut(key) {
+                conn.break_off(reason);
+            }
+            self.finish(key as SlotId);
+        }
+    }
+
+    /// Heartbeats and close deadlines that came due.
+    fn on_tick(&mut self, now: u64) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(now, &mut due);
+        let heartbeats = !self.shared.config.ping_interval.is_zero();
+        let mut ping: Option<Bytes> = None;
+        let mut json_ping: Option<Bytes> = None;
+        for (slot, generation) in due.drain(..) {
+            let Some(conn) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            if conn.generation != generation {
+                continue;
+            }
+            if let Some(deadline) = conn.close_deadline {
+                if now >= deadline {
+                    // The peer never finished the close handshake.
+                    if conn.reason == CloseReason::Normal {
+                        conn.reason = CloseReason::Timeout;
+                    }
+                    conn.break_off(conn.reason);
+                    self.finish(slot);
+                } else {
+                    self.wheel.insert(deadline, (slot, generation));
+                }
+                continue;
+            }
+            if !heartbeats {
+                continue;
+            }
+            match heartbeat::decide(
+                &mut conn.beat,
+                now,
+                conn.last_seen,
+                self.interval_ticks,
+                self.timeout_ticks,
+            ) {
+                Action::Recheck(at) => self.wheel.insert(at, (slot, generation)),
+                Action::Ping(at) => {
+                    let ping = ping
+                        .get_or_insert_with(|| frame::encode(Kind::Ping, b""))
+                        .clone();
+                    let _ = conn.send(ping);
+                    if self.shared.config.json_ping {
+                        let json = json_ping
+                            .get_or_insert_with(|| ServerMessage::Ping { ts: now_ms() }.to_frame())
+                            .clone();
+                        let _ = conn.send(json);
+                    }
+                    self.wheel.insert(at, (slot, generation));
+                    self.settle(slot);
+                }
+                Action::Close => {
+                    conn.close(
+                        CloseCode::Internal,
+                        "ping timeout",
+                        CloseReason::Timeout,
+                        false,
+                    );
+                    self.settle(slot);
+                }
+            }
+        }
+        self.due = due;
+    }
+}
+
+/// Serves one protocol request; failures answer with `error` and keep the connection.
+fn serve(
+    conn: &mut Connection,
+    inbound: Inbound<'_>,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    clock_ms: u32,
+) {
+    let Inbound::Request(text) = inbound;
+    let rate = shared.config.rate_limit;
+    match conn.limiter.admit(rate, clock_ms) {
+        Admit::Yes => {}
+        Admit::No { first } => {
+            if first {
+                let message = format!("over {rate} messages per second; slow down");
+                conn.send(error_frame("rate_limited", &message, None));
+            }
+            return;
+        }
+        Admit::Close => {
+            conn.close(
+                CloseCode::Policy,
+                "rate limit exceeded",
+                CloseReason::RateLimited,
+                false,
+            );
+            return;
+        }
+    }
+    let reply = match parse_client(text) {
+        Err(e) => error_frame(e.code(), &e.to_string(), None),
+        Ok(ClientMessage::Subscribe(req)) => {
+            match subscribe(
+                conn,
+                slot,
+                index,
+                &req.topics,
+                &req.patterns,
+                shared.config.max_subscriptions,
+            ) {
+                Ok(()) => ServerMessage::Subscribed {
+                    id: req.id.as_ref(),
+                    topics: &req.topics,
+                    patterns: &req.patterns,
+                    ts: now_ms(),
+                }
+                .to_frame(),
+                Err(e) => error_frame(e.code(), &e.to_string(), req.id.as_ref()),
+            }
+        }
+        Ok(ClientMessage::Unsubscribe(req)) => {
+            match unsubscribe(conn, slot, index, &req.topics, &req.patterns) {
+                Ok(()) => ServerMessage::Unsubscribed {
+                    id: req.id.as_ref(),
+                    topics: &req.topics,
+                    patterns: &req.patterns,
+                    ts: now_ms(),
+                }
+                .to_frame(),
+                Err(e) => error_frame(e.code(), &e.to_string(), req.id.as_ref()),
+            }
+        }
+        Ok(ClientMessage::Ping { id }) => ServerMessage::Pong {
+            id: id.as_ref(),
+            ts: now_ms(),
+        }
+        .to_frame(),
+        Ok(ClientMessage::Pong) => return,
+    };
+    conn.send(reply);
+}
+
+fn error_frame(code: &str, message: &str, id: Option<&serde_json::Value>) -> Bytes {
+    ServerMessage::Error {
+        code,
+        message,
+        id,
+        ts: now_ms(),
+    }
+    .to_frame()
+}
+
+/// Subscribes a connection to topics and patterns, all or nothing. Subscribing to what is
+/// already subscribed is a no-op.
+fn subscribe(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    topics: &[String],
+    patterns: &[String],
+    max_subscriptions: usize,
+) -> Result<(), SubscribeError> {
+    for t in topics {
+        validate_topic(t)?;
+    }
+    let parsed = patterns
+        .iter()
+        .map(|p| Pattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let subs = &conn.subscriptions;
+    let mut new_topics: Vec<&String> = topics
+        .iter()
+        .filter(|t| {
+            !subs
+                .iter()
+                .any(|s| matches!(s, Subscription::Topic(x) if **x == ***t))
+        })
+        .collect();
+    new_topics.dedup();
+    let mut new_patterns: Vec<Pattern> = parsed
+        .into_iter()
+        .filter(|p| {
+            !subs
+                .iter()
+                .any(|s| matches!(s, Subscription::Pattern(x) if **x == *p))
+        })
+        .collect();
+    new_patterns.dedup();
+    let total = subs.len() + new_topics.len() + new_patterns.len();
+    if total > max_subscriptions {
+        return Err(SubscribeError::TooMany(max_subscriptions));
+    }
+    // Exactly the room needed: most connections subscribe once, to one topic.
+    conn.subscriptions
+        .reserve_exact(new_topics.len() + new_patterns.len());
+    for t in new_topics {
+        // Share one allocation of the name between the index and every subscriber.
+        let name: Arc<str> = index.topic_key(t).unwrap_or_else(|| Arc::from(t.as_str()));
+        index.add_topic(&name, slot);
+        conn.subscriptions.push(Subscription::Topic(name));
+    }
+    for p in new_patterns {
+        index.add_pattern(&p, slot);
+        conn.subscriptions.push(Subscription::Pattern(Box::new(p)));
+    }
+    Ok(())
+}
+
+/// Removes subscriptions; names not subscribed are ignored, malformed ones refused.
+fn unsubscribe(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    topics: &[String],
+    patterns: &[String],
+) -> Result<(), SubscribeError> {
+    for t in topics {
+        validate_topic(t)?;
+    }
+    let parsed = patterns
+        .iter()
+        .map(|p| Pattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    conn.subscriptions.retain(|s| match s {
+        Subscription::Topic(t) if topics.iter().any(|x| **x == **t) => {
+            index.remove_topic(t, slot);
+            false
+        }
+        Subscription::Pattern(p) if parsed.contains(p) => {
+            index.remove_pattern(p, slot);
+            false
+        }
+        _ => true,
+    });
+    Ok(())
+}
