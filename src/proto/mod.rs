@@ -4,6 +4,7 @@ pub mod close;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod versioned;
 
 pub use close::{CloseCode, ProtocolViolation};
 pub use handshake::HandshakeError;

@@ -1,5 +1,13 @@
 //! Topics: names, patterns, and the per-topic publication sequence.
 
+pub mod filter;
+pub mod history;
 mod name;
+pub mod state;
+pub mod version;
 
+pub use filter::{EventFields, Filter, FilterError};
+pub use history::{Entry, History, HistoryLimits, Page, Since};
 pub use name::{MAX_SEGMENTS, MAX_TOPIC_LEN, NameError, Pattern, Segment, validate_topic};
+pub use state::{Change, PatchError, StateDoc};
+pub use version::{Epoch, Version, VersionError};
