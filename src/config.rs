@@ -64,6 +64,13 @@ pub struct Config {
     /// Most HTTP connections not yet upgraded at once. Accepting waits while at the cap, so a
     /// flood of half-open handshakes queues in the kernel instead of in the gateway.
     pub max_handshakes: usize,
+    /// Publications each topic keeps for resume and polling. More lets clients that were
+    /// away longer resume exactly instead of getting a snapshot or `history_truncated`, at
+    /// the cost of the encoded frames kept (shared with what was sent, not copied).
+    pub history_max_len: usize,
+    /// How long a publication stays in its topic's history.
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Duration,
     /// How long a closing connection waits for the peer's close frame before dropping it.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
@@ -90,6 +97,8 @@ impl Default for Config {
             rate_limit: 100,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            history_max_len: 1024,
+            history_max_age: Duration::from_secs(300),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
         }
@@ -141,6 +150,10 @@ setters! {
     handshake_timeout: Duration,
     /// Sets [`Config::max_handshakes`].
     max_handshakes: usize,
+    /// Sets [`Config::history_max_len`].
+    history_max_len: usize,
+    /// Sets [`Config::history_max_age`].
+    history_max_age: Duration,
     /// Sets [`Config::close_timeout`].
     close_timeout: Duration,
     /// Sets [`Config::shutdown_timeout`].

@@ -9,7 +9,8 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::{Hub, PublishError};
+use crate::hub::topics::TopicError;
+use crate::hub::{Hub, PollError, PublishError, StateWritten};
 use crate::net::{Mode, upgrade};
 use crate::proto::message::validate_json;
 
@@ -49,6 +50,8 @@ fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Routes one request.
+
+/// Routes one request.
 pub async fn route(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
@@ -58,8 +61,16 @@ pub async fn route(
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         // The upgrade validates the method itself, so a wrong one gets the handshake's error.
-        ["ws"] => upgrade(hub, tracker, req, Mode::Gateway),
-        ["echo"] if hub.config().echo => upgrade(hub, tracker, req, Mode::Echo),
+        ["ws"] => upgrade(hub, tracker, req, Mode::Gateway, None),
+        ["ws", app, profile] => {
+            // The config use case: a connection already subscribed to `app:profile`.
+            let topic = format!("{}:{}", percent_decode(app), percent_decode(profile));
+            match crate::topic::validate_topic(&topic) {
+                Ok(()) => upgrade(hub, tracker, req, Mode::Gateway, Some(topic)),
+                Err(e) => error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string()),
+            }
+        }
+        ["echo"] if hub.config().echo => upgrade(hub, tracker, req, Mode::Echo, None),
         ["healthz"] => match *req.method() {
             Method::GET | Method::HEAD => {
                 json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -82,13 +93,38 @@ pub async fn route(
             }
             _ => method_not_allowed("GET"),
         },
-        ["v1", "topics", topic, "events"] => match *req.method() {
-            Method::POST => {
-                let topic = percent_decode(topic);
-                publish(hub, &topic, req).await
+        ["v1", "topics", topic, "events"] => {
+            let topic = percent_decode(topic);
+            match *req.method() {
+                Method::POST => publish(hub, &topic, req).await,
+                Method::GET => poll(hub, &topic, &req),
+                _ => method_not_allowed("GET, POST"),
             }
-            _ => method_not_allowed("POST"),
-        },
+        }
+        ["v1", "topics", topic, "state"] => {
+            let topic = percent_decode(topic);
+            match *req.method() {
+                Method::GET => get_state(hub, &topic),
+                Method::PUT => put_state(hub, &topic, req).await,
+                Method::PATCH => patch_state(hub, &topic, req).await,
+                _ => method_not_allowed("GET, PUT, PATCH"),
+            }
+        }
+        ["v1", "topics", topic, "close"] => {
+            let topic = percent_decode(topic);
+            match *req.method() {
+                Method::POST => match hub.close_topic(&topic) {
+                    Ok(version) => json_response(
+                        StatusCode::OK,
+                        &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
+                    ),
+                    Err(e) => {
+                        error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string())
+                    }
+                },
+                _ => method_not_allowed("POST"),
+            }
+        }
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -111,23 +147,193 @@ async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Ful
     match hub.publish(topic, &body[range]) {
         Ok(published) => json_response(
             StatusCode::ACCEPTED,
-            &serde_json::json!({
-                "topic": published.topic,
-                "offset": published.offset,
-            }),
+            &PublishedBody {
+                topic: &published.topic,
+                offset: published.offset,
+            },
         ),
         Err(e) => publish_error(&e),
     }
 }
 
-/// The HTTP answer to a refused publication.
+/// The body of `202 Accepted`, fields in the documented order.
+#[derive(Serialize)]
+struct PublishedBody<'a> {
+    topic: &'a str,
+    offset: u64,
+}
+
+/// The HTTP answer to a refused publication or state write.
 pub fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
     let (status, code) = match e {
         PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
         PublishError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
         PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        PublishError::Topic(TopicError::Closed(_)) => (StatusCode::CONFLICT, "topic_closed"),
+        PublishError::Topic(TopicError::WrongKind { .. }) => {
+            (StatusCode::CONFLICT, "wrong_topic_kind")
+        }
+        PublishError::Topic(TopicError::PreconditionFailed { .. }) => {
+            (StatusCode::PRECONDITION_FAILED, "precondition_failed")
+        }
+        PublishError::Topic(TopicError::Patch(p)) => (
+            StatusCode::from_u16(p.http_status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            p.code(),
+        ),
     };
     error_response(status, code, &e.to_string())
+}
+
+/// Events one poll returns unless `limit` says otherwise.
+const DEFAULT_POLL_LIMIT: usize = 100;
+/// Most events one poll returns: bounds what a single request can cost.
+const MAX_POLL_LIMIT: usize = 1000;
+
+/// `GET /v1/topics/{topic}/events?since=N&limit=M`: the polling fallback.
+fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut since = String::new();
+    let mut limit = DEFAULT_POLL_LIMIT;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "since" => since = percent_decode(value),
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if n > 0 => limit = n.min(MAX_POLL_LIMIT),
+                _ => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_limit",
+                        "limit must be a positive integer",
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+    match hub.poll(topic, &since, limit) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(PollError::InvalidTopic(e)) => {
+            error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string())
+        }
+        Err(e @ PollError::InvalidSince(_)) => {
+            error_response(StatusCode::BAD_REQUEST, "invalid_since", &e.to_string())
+        }
+    }
+}
+
+/// `GET /v1/topics/{topic}/state`: the document, its version and an `ETag`.
+fn get_state(hub: &Hub, topic: &str) -> Response<Full<Bytes>> {
+    match hub.state(topic) {
+        Ok(Some((version, json))) => {
+            let v = version.to_buf();
+            let mut body = Vec::with_capacity(json.len() + 96);
+            body.extend_from_slice(br#"{"topic":""#);
+            body.extend_from_slice(topic.as_bytes());
+            body.extend_from_slice(br#"","version":""#);
+            body.extend_from_slice(v.as_bytes());
+            body.extend_from_slice(br#"","state":"#);
+            body.extend_from_slice(&json);
+            body.push(b'}');
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Ok(etag) = HeaderValue::from_str(&version.etag()) {
+                headers.insert(header::ETAG, etag);
+            }
+            response
+        }
+        Ok(None) => error_response(
+            StatusCode::NOT_FOUND,
+            "no_state",
+            &format!("topic {topic} holds no state document"),
+        ),
+        Err(e) => error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string()),
+    }
+}
+
+/// `PUT /v1/topics/{topic}/state`: replaces the document.
+async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let if_match = if_match(&req);
+    let body = match read_body(req, hub.config().max_publish_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let document: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(document) => document,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()),
+    };
+    state_written(hub.put_state(topic, document, if_match.as_deref()))
+}
+
+/// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
+async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let media = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media != "application/json-patch+json" {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "PATCH takes an RFC 6902 JSON Patch as application/json-patch+json",
+        );
+    }
+    let if_match = if_match(&req);
+    let body = match read_body(req, hub.config().max_publish_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if let Err(e) = validate_json(&body) {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e);
+    }
+    state_written(hub.patch_state(topic, &body, if_match.as_deref()))
+}
+
+fn if_match(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn state_written(result: Result<StateWritten, PublishError>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(written) => {
+            let mut response = json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "topic": written.topic,
+                    "version": written.version,
+                    "changed": written.changed,
+                }),
+            );
+            if let Ok(etag) = HeaderValue::from_str(&written.version.etag()) {
+                response.headers_mut().insert(header::ETAG, etag);
+            }
+            response
+        }
+        Err(e) => publish_error(&e),
+    }
 }
 
 /// Reads a body of at most `limit` bytes; more is a 413 before reading it all when the

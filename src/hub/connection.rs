@@ -310,6 +310,25 @@ impl Connection {
         true
     }
 
+    /// Undoes the 1013 close that a queue overflow started, dropping everything queued
+    /// (except a partly written head frame): for a connection that only follows state
+    /// documents, a fresh snapshot replaces the backlog. Returns false if that close was
+    /// not the last thing that happened (nothing is changed then).
+    pub fn reopen_after_overflow(&mut self) -> bool {
+        if self.phase != Phase::CloseSent
+            || self.reason != CloseReason::SlowConsumer
+            || self.close_deadline.is_some()
+        {
+            return false;
+        }
+        let keep = usize::from(self.head_written > 0);
+        self.out.truncate(keep);
+        self.queued = self.out.front().map_or(0, |f| f.len() - self.head_written);
+        self.phase = Phase::Open;
+        self.reason = CloseReason::Normal;
+        true
+    }
+
     /// Gives up on the connection: nothing more can be written.
     pub fn break_off(&mut self, why: CloseReason) {
         if self.phase != Phase::Broken {

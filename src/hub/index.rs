@@ -7,15 +7,38 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::topic::{Pattern, Segment};
+use crate::topic::{Filter, Pattern, Segment};
 
 /// A connection's position in its shard's slab.
 pub type SlotId = u32;
 
+/// One subscriber in the index.
+#[derive(Debug, Clone)]
+pub struct Sub {
+    /// The subscribing connection.
+    pub slot: SlotId,
+    /// Publications up to this offset were already sent to it (snapshot or replay), so
+    /// fan-out skips them; later ones are live.
+    pub after: u64,
+    /// Only events whose data matches are sent.
+    pub filter: Option<Arc<Filter>>,
+}
+
+impl Sub {
+    /// A live subscriber with no filter.
+    pub fn live(slot: SlotId) -> Sub {
+        Sub {
+            slot,
+            after: 0,
+            filter: None,
+        }
+    }
+}
+
 /// Subscribers of exact topics and of patterns, by slab slot.
 #[derive(Debug, Default)]
 pub struct Index {
-    exact: HashMap<Arc<str>, Vec<SlotId>>,
+    exact: HashMap<Arc<str>, Vec<Sub>>,
     patterns: Node,
 }
 
@@ -24,9 +47,9 @@ struct Node {
     literal: HashMap<Box<str>, Node>,
     any: Option<Box<Node>>,
     /// Patterns that end at this node.
-    here: Vec<SlotId>,
+    here: Vec<Sub>,
     /// Patterns that end with `**` after this node's segments.
-    rest: Vec<SlotId>,
+    rest: Vec<Sub>,
 }
 
 impl Node {
@@ -39,9 +62,28 @@ impl Node {
 }
 
 impl Index {
-    /// Adds `slot` as a subscriber of `topic`.
-    pub fn add_topic(&mut self, topic: &Arc<str>, slot: SlotId) {
-        self.exact.entry(topic.clone()).or_default().push(slot);
+    /// Adds a subscriber of `topic`.
+    pub fn add_topic(&mut self, topic: &Arc<str>, sub: Sub) {
+        self.exact.entry(topic.clone()).or_default().push(sub);
+    }
+
+    /// The filter of `slot`'s subscription to `topic`.
+    pub fn filter_of(&self, topic: &str, slot: SlotId) -> Option<Arc<Filter>> {
+        self.exact
+            .get(topic)
+            .and_then(|subs| subs.iter().find(|s| s.slot == slot))
+            .and_then(|s| s.filter.clone())
+    }
+
+    /// Moves the replay mark of `slot`'s subscription to `topic` (after a fresh snapshot).
+    pub fn set_after(&mut self, topic: &str, slot: SlotId, after: u64) {
+        if let Some(sub) = self
+            .exact
+            .get_mut(topic)
+            .and_then(|subs| subs.iter_mut().find(|s| s.slot == slot))
+        {
+            sub.after = after;
+        }
     }
 
     /// The shared name of `topic` if anyone on this shard subscribes to it.
@@ -59,20 +101,20 @@ impl Index {
         }
     }
 
-    /// Adds `slot` as a subscriber of `pattern`.
-    pub fn add_pattern(&mut self, pattern: &Pattern, slot: SlotId) {
+    /// Adds a subscriber of `pattern`.
+    pub fn add_pattern(&mut self, pattern: &Pattern, sub: Sub) {
         let mut node = &mut self.patterns;
         for seg in pattern.segments() {
             node = match seg {
                 Segment::Literal(lit) => node.literal.entry(lit.clone()).or_default(),
                 Segment::Any => node.any.get_or_insert_with(Default::default),
                 Segment::Rest => {
-                    node.rest.push(slot);
+                    node.rest.push(sub);
                     return;
                 }
             };
         }
-        node.here.push(slot);
+        node.here.push(sub);
     }
 
     /// Removes `slot` from `pattern`'s subscribers, pruning emptied trie nodes.
@@ -105,9 +147,9 @@ impl Index {
     /// Calls `f` for every subscriber of `topic`, directly or through patterns.
     ///
     /// A slot subscribed several ways is reported once per way; the caller deduplicates.
-    pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(SlotId)) {
-        if let Some(slots) = self.exact.get(topic) {
-            slots.iter().copied().for_each(&mut f);
+    pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&Sub)) {
+        if let Some(subs) = self.exact.get(topic) {
+            subs.iter().for_each(&mut f);
         }
         if self.patterns.is_empty() {
             return;
@@ -131,13 +173,13 @@ impl Index {
     }
 }
 
-fn walk(node: &Node, segs: &[&str], f: &mut impl FnMut(SlotId)) {
+fn walk(node: &Node, segs: &[&str], f: &mut impl FnMut(&Sub)) {
     let Some((first, rest)) = segs.split_first() else {
-        node.here.iter().copied().for_each(f);
+        node.here.iter().for_each(f);
         return;
     };
     // `**` needs one or more remaining segments; there is at least `first`.
-    node.rest.iter().copied().for_each(&mut *f);
+    node.rest.iter().for_each(&mut *f);
     if let Some(child) = node.literal.get(*first) {
         walk(child, rest, f);
     }
@@ -146,12 +188,12 @@ fn walk(node: &Node, segs: &[&str], f: &mut impl FnMut(SlotId)) {
     }
 }
 
-fn remove_one(slots: &mut Vec<SlotId>, slot: SlotId) {
-    if let Some(i) = slots.iter().position(|&s| s == slot) {
-        slots.swap_remove(i);
+fn remove_one(subs: &mut Vec<Sub>, slot: SlotId) {
+    if let Some(i) = subs.iter().position(|s| s.slot == slot) {
+        subs.swap_remove(i);
     }
-    if slots.is_empty() {
-        *slots = Vec::new();
+    if subs.is_empty() {
+        *subs = Vec::new();
     }
 }
 
@@ -162,7 +204,7 @@ mod tests {
 
     fn matches(index: &Index, topic: &str) -> Vec<SlotId> {
         let mut out = Vec::new();
-        index.for_each_match(topic, |s| out.push(s));
+        index.for_each_match(topic, |s| out.push(s.slot));
         out.sort_unstable();
         out
     }
@@ -170,10 +212,10 @@ mod tests {
     #[test]
     fn exact_and_patterns() {
         let mut ix = Index::default();
-        ix.add_topic(&Arc::from("a:b"), 1);
-        ix.add_pattern(&Pattern::parse("a:*").unwrap(), 2);
-        ix.add_pattern(&Pattern::parse("a:**").unwrap(), 3);
-        ix.add_pattern(&Pattern::parse("*:b").unwrap(), 4);
+        ix.add_topic(&Arc::from("a:b"), Sub::live(1));
+        ix.add_pattern(&Pattern::parse("a:*").unwrap(), Sub::live(2));
+        ix.add_pattern(&Pattern::parse("a:**").unwrap(), Sub::live(3));
+        ix.add_pattern(&Pattern::parse("*:b").unwrap(), Sub::live(4));
         assert_eq!(matches(&ix, "a:b"), vec![1, 2, 3, 4]);
         assert_eq!(matches(&ix, "a:c:d"), vec![3]);
         assert_eq!(matches(&ix, "a"), Vec::<SlotId>::new());
@@ -215,7 +257,7 @@ mod tests {
             let parsed: Vec<Pattern> = patterns.iter().map(|p| Pattern::parse(p).unwrap()).collect();
             let mut ix = Index::default();
             for (i, p) in parsed.iter().enumerate() {
-                ix.add_pattern(p, i as SlotId);
+                ix.add_pattern(p, Sub::live(i as SlotId));
             }
             for t in topics {
                 let topic = t.join(":");

@@ -8,22 +8,22 @@
 pub mod connection;
 pub mod index;
 pub mod shard;
+pub mod topics;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
-use parking_lot::{Mutex, RwLock};
 
 use crate::Config;
 use crate::metrics::{CloseReason, Metrics};
 use crate::proto::CloseCode;
-use crate::proto::message::{encode_event, now_ms};
-use crate::topic::{NameError, validate_topic};
+use crate::proto::versioned::{PollPage, TopicStatus, encode_poll_body};
+use crate::topic::{HistoryLimits, NameError, PatchError, Version, validate_topic};
 pub use connection::Mode;
 pub use index::{Index, SlotId};
+use topics::{Content, Publication, TopicError, Topics};
 
 /// The result of a successful publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,20 @@ pub enum PublishError {
         /// The configured limit.
         limit: usize,
     },
+    /// The topic refused the change (closed, wrong kind, precondition, patch).
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+}
+
+/// The result of writing a state document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWritten {
+    /// The topic.
+    pub topic: String,
+    /// The document's version after the write.
+    pub version: Version,
+    /// Whether the document changed (a change was published).
+    pub changed: bool,
 }
 
 /// Why a subscription request was refused.
@@ -60,6 +74,20 @@ pub enum SubscribeError {
     /// The connection would exceed `max_subscriptions`.
     #[error("more than {0} subscriptions on one connection")]
     TooMany(usize),
+    /// A `since` or `last_version` that is not `epoch:offset`.
+    #[error("invalid version for {topic}: {reason}")]
+    InvalidVersion {
+        /// The topic it was given for.
+        topic: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A filter that is not an object of field name to value list.
+    #[error("invalid filter: {0}")]
+    InvalidFilter(String),
+    /// `resync` of a topic the connection is not subscribed to.
+    #[error("not subscribed to {0}")]
+    NotSubscribed(String),
 }
 
 impl SubscribeError {
@@ -69,19 +97,17 @@ impl SubscribeError {
             SubscribeError::Name(NameError::InvalidTopic(_)) => "invalid_topic",
             SubscribeError::Name(NameError::InvalidPattern(_)) => "invalid_pattern",
             SubscribeError::TooMany(_) => "too_many_subscriptions",
+            SubscribeError::InvalidVersion { .. } => "invalid_version",
+            SubscribeError::InvalidFilter(_) => "invalid_filter",
+            SubscribeError::NotSubscribed(_) => "not_subscribed",
         }
     }
 }
 
 /// Work for a shard.
 pub enum Job {
-    /// Write this frame to every subscriber of `topic`.
-    Publish {
-        /// The topic published to.
-        topic: Arc<str>,
-        /// The encoded frame, shared by every subscriber.
-        frame: Bytes,
-    },
+    /// Write a publication's frame to every subscriber of its topic.
+    Publish(Publication),
     /// Adopt an upgraded socket; `leftover` holds bytes read past the HTTP request.
     Register {
         /// The socket, non-blocking.
@@ -90,6 +116,8 @@ pub enum Job {
         leftover: Vec<u8>,
         /// What the connection serves.
         mode: Mode,
+        /// A topic to subscribe at once (snapshot first), for `GET /ws/{app}/{profile}`.
+        subscribe: Option<String>,
     },
     /// Close every connection, after the publications queued before this job.
     CloseAll {
@@ -102,13 +130,6 @@ pub enum Job {
     DropAll,
 }
 
-#[derive(Debug)]
-struct Topic {
-    name: Arc<str>,
-    /// The last offset published; the lock also orders the hand-off to the shards.
-    last_offset: Mutex<u64>,
-}
-
 /// What the shards share with the rest of the gateway.
 #[derive(Debug)]
 pub struct Shared {
@@ -116,6 +137,8 @@ pub struct Shared {
     pub config: Config,
     /// The counters.
     pub metrics: Metrics,
+    /// The topics.
+    pub topics: Topics,
     /// WebSocket connections open or being upgraded.
     open: AtomicUsize,
     /// Signalled whenever a connection ends, for shutdown's drain.
@@ -157,7 +180,6 @@ impl ShardHandle {
 pub struct Hub {
     shared: Arc<Shared>,
     shards: Vec<ShardHandle>,
-    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
     next_shard: AtomicUsize,
 }
 
@@ -168,9 +190,14 @@ impl Hub {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let limits = HistoryLimits {
+            max_len: config.history_max_len,
+            max_age: config.history_max_age,
+        };
         let shared = Arc::new(Shared {
             config,
             metrics: Metrics::default(),
+            topics: Topics::new(limits),
             open: AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -189,7 +216,6 @@ impl Hub {
         Ok(Hub {
             shared,
             shards,
-            topics: RwLock::new(HashMap::new()),
             next_shard: AtomicUsize::new(0),
         })
     }
@@ -225,12 +251,19 @@ impl Hub {
     }
 
     /// Hands an upgraded socket (with a reserved place) to the next shard.
-    pub fn register(&self, stream: std::net::TcpStream, leftover: Vec<u8>, mode: Mode) {
+    pub fn register(
+        &self,
+        stream: std::net::TcpStream,
+        leftover: Vec<u8>,
+        mode: Mode,
+        subscribe: Option<String>,
+    ) {
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
         self.shards[shard].send(Job::Register {
             stream,
             leftover,
             mode,
+            subscribe,
         });
     }
 
@@ -239,25 +272,28 @@ impl Hub {
         self.shared.open.load(Ordering::SeqCst)
     }
 
-    /// Publishes one JSON value (already validated) to `topic`.
+    fn topic(&self, name: &str) -> Result<Arc<topics::Topic>, NameError> {
+        validate_topic(name)?;
+        let metrics = &self.shared.metrics;
+        Ok(self
+            .shared
+            .topics
+            .get_or_create(name, || metrics.topic_created()))
+    }
+
+    fn hand_off(&self, publication: Publication) {
+        for shard in &self.shards {
+            shard.send(Job::Publish(publication.clone()));
+        }
+    }
+
+    /// Publishes one JSON value (already validated) to the event topic `topic`.
     ///
     /// The event frame is encoded here, once; every shard writes a reference to it to each
     /// matching subscriber. Returns once the fan-out is handed off.
     pub fn publish(&self, topic: &str, data: &[u8]) -> Result<Published, PublishError> {
-        validate_topic(topic)?;
-        let topic = self.topic(topic);
-        let mut last = topic.last_offset.lock();
-        *last += 1;
-        let offset = *last;
-        let frame = encode_event(&topic.name, offset, data, now_ms());
-        // Handing off under the topic's lock keeps every shard's queue in offset order.
-        for shard in &self.shards {
-            shard.send(Job::Publish {
-                topic: topic.name.clone(),
-                frame: frame.clone(),
-            });
-        }
-        drop(last);
+        let topic = self.topic(topic)?;
+        let offset = topic.publish_event(data, |p| self.hand_off(p))?;
         self.shared.metrics.published();
         Ok(Published {
             topic: topic.name.to_string(),
@@ -265,21 +301,108 @@ impl Hub {
         })
     }
 
-    fn topic(&self, name: &str) -> Arc<Topic> {
-        if let Some(t) = self.topics.read().get(name) {
-            return t.clone();
+    /// Replaces a state document (`PUT`); publishes the diff if anything changed.
+    pub fn put_state(
+        &self,
+        topic: &str,
+        document: serde_json::Value,
+        if_match: Option<&str>,
+    ) -> Result<StateWritten, PublishError> {
+        let topic = self.topic(topic)?;
+        let (version, changed) = topic.write_state(
+            if_match,
+            |doc| Ok(doc.replace(document)),
+            |p| self.hand_off(p),
+        )?;
+        if changed {
+            self.shared.metrics.published();
         }
-        let mut topics = self.topics.write();
-        topics
-            .entry(Arc::from(name))
-            .or_insert_with_key(|key| {
-                self.shared.metrics.topic_created();
-                Arc::new(Topic {
-                    name: key.clone(),
-                    last_offset: Mutex::new(0),
-                })
-            })
-            .clone()
+        Ok(StateWritten {
+            topic: topic.name.to_string(),
+            version,
+            changed,
+        })
+    }
+
+    /// Applies an RFC 6902 JSON Patch to a state document (`PATCH`), atomically.
+    pub fn patch_state(
+        &self,
+        topic: &str,
+        patch: &[u8],
+        if_match: Option<&str>,
+    ) -> Result<StateWritten, PublishError> {
+        let ops = crate::topic::state::parse_patch(patch).map_err(TopicError::Patch)?;
+        let topic = self.topic(topic)?;
+        let (version, changed) =
+            topic.write_state(if_match, |doc| doc.patch(&ops), |p| self.hand_off(p))?;
+        if changed {
+            self.shared.metrics.published();
+        }
+        Ok(StateWritten {
+            topic: topic.name.to_string(),
+            version,
+            changed,
+        })
+    }
+
+    /// A state document and its version, if the topic holds one.
+    pub fn state(&self, topic: &str) -> Result<Option<(Version, Bytes)>, NameError> {
+        validate_topic(topic)?;
+        let Some(topic) = self.shared.topics.get(topic) else {
+            return Ok(None);
+        };
+        let mut state = topic.state.lock();
+        let version = state.version();
+        Ok(match &mut state.content {
+            Content::State(doc) => Some((version, doc.json())),
+            Content::Empty | Content::Events => None,
+        })
+    }
+
+    /// The polling fallback: events after `since` (an offset, or a version whose epoch must
+    /// be the topic's), at most `limit`, as the JSON body of `GET .../events`.
+    pub fn poll(&self, topic: &str, since: &str, limit: usize) -> Result<Vec<u8>, PollError> {
+        let topic = self.topic(topic)?;
+        let state = topic.state.lock();
+        let epoch = state.history.epoch();
+        let offset = if since.is_empty() {
+            0
+        } else if let Ok(n) = since.parse::<u64>() {
+            n
+        } else {
+            let version: Version = since
+                .parse()
+                .map_err(|e: crate::topic::VersionError| PollError::InvalidSince(e.to_string()))?;
+            // Another epoch's offsets mean nothing here: everything history has is new.
+            if version.epoch == epoch {
+                version.offset
+            } else {
+                0
+            }
+        };
+        let page = state.history.page(offset, limit);
+        let epoch_hex = epoch.to_string();
+        let poll_page = PollPage {
+            topic: &topic.name,
+            epoch: &epoch_hex,
+            next_offset: page.next_since,
+            truncated: page.truncated,
+            status: if state.closed {
+                TopicStatus::Closed
+            } else {
+                TopicStatus::Open
+            },
+        };
+        Ok(encode_poll_body(
+            &poll_page,
+            page.entries.map(|e| (e.offset, &e.data[..])),
+        ))
+    }
+
+    /// Closes a topic: subscribers get `closed`, later publications are refused.
+    pub fn close_topic(&self, topic: &str) -> Result<Version, NameError> {
+        let topic = self.topic(topic)?;
+        Ok(topic.close(|p| self.hand_off(p)))
     }
 
     /// Starts shutdown: connections upgraded from now on close at once, and every shard
@@ -320,5 +443,22 @@ impl Drop for Hub {
             drop(jobs);
             let _ = waker.wake();
         }
+    }
+}
+
+/// Why a poll was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PollError {
+    /// The topic name is invalid.
+    #[error(transparent)]
+    InvalidTopic(#[from] NameError),
+    /// `since` is neither an offset nor a version.
+    #[error("invalid since: {0}")]
+    InvalidSince(String),
+}
+
+impl From<PatchError> for PublishError {
+    fn from(e: PatchError) -> Self {
+        PublishError::Topic(TopicError::Patch(e))
     }
 }

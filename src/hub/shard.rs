@@ -18,14 +18,18 @@ use slab::Slab;
 use super::connection::{
     Admit, Connection, Delivery, ECHO_MAX_MESSAGE, Inbound, Mode, Phase, RateLimiter, Subscription,
 };
-use super::index::{Index, SlotId};
+use super::index::{Index, SlotId, Sub};
+use super::topics::{Content, Publication};
 use super::{Job, Shared, SubscribeError};
 use crate::heartbeat::{self, Action, Wheel};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::frame::{self, Kind};
-use crate::proto::message::{ClientMessage, ServerMessage, now_ms, parse_client};
-use crate::topic::{Pattern, validate_topic};
+use crate::proto::message::{
+    ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
+};
+use crate::proto::versioned::{encode_closed, encode_history_truncated, encode_snapshot};
+use crate::topic::{EventFields, Filter, Pattern, Since, Version, validate_topic};
 
 /// The token of the shard's waker; connection tokens are slab keys.
 pub const WAKER: Token = Token(usize::MAX);
@@ -164,12 +168,13 @@ impl Shard {
 
     fn on_job(&mut self, job: Job) {
         match job {
-            Job::Publish { topic, frame } => self.fan_out(&topic, frame),
+            Job::Publish(publication) => self.fan_out(publication),
             Job::Register {
                 stream,
                 leftover,
                 mode,
-            } => self.register(stream, &leftover, mode),
+                subscribe,
+            } => self.register(stream, &leftover, mode, subscribe),
             Job::CloseAll { code, reason } => {
                 let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
                 for key in keys {
@@ -183,12 +188,35 @@ impl Shard {
         }
     }
 
-    /// Writes one shared frame to every subscriber of `topic` on this shard.
-    fn fan_out(&mut self, topic: &str, frame: Bytes) {
+    /// Writes one publication's shared frame to every subscriber of its topic on this shard
+    /// that has not already had it (snapshot or replay) and whose filter matches.
+    fn fan_out(&mut self, publication: Publication) {
+        let Publication {
+            topic,
+            offset,
+            frame,
+            data,
+        } = publication;
         self.seq += 1;
         let seq = self.seq;
         let targets = &mut self.targets;
-        self.index.for_each_match(topic, |slot| targets.push(slot));
+        // Parsed at most once per publication, and only if some subscriber filters.
+        let mut fields: Option<EventFields> = None;
+        self.index.for_each_match(&topic, |sub| {
+            if offset <= sub.after {
+                return;
+            }
+            if let Some(filter) = &sub.filter {
+                let Some(data) = &data else {
+                    return;
+                };
+                let fields = fields.get_or_insert_with(|| EventFields::parse(data));
+                if !filter.matches_fields(fields) {
+                    return;
+                }
+            }
+            targets.push(sub.slot);
+        });
         let mut delivered = 0;
         let mut unsettled = Vec::new();
         for slot in self.targets.drain(..) {
@@ -206,6 +234,7 @@ impl Shard {
         }
         self.shared.metrics.delivered(delivered);
         for slot in unsettled {
+            self.on_overflow(slot);
             self.settle(slot);
         }
         if self.targets.capacity() > 4096 {
@@ -213,7 +242,55 @@ impl Shard {
         }
     }
 
-    fn register(&mut self, stream: std::net::TcpStream, leftover: &[u8], mode: Mode) {
+    /// A connection whose queue overflowed: one that follows only state documents gets
+    /// fresh snapshots instead of its backlog; any other is closed with 1013 (it resumes
+    /// with `since` and gets exactly what it missed, or is told what it lost).
+    fn on_overflow(&mut self, slot: SlotId) {
+        let Some(conn) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let topics: Vec<Arc<str>> = conn
+            .subscriptions
+            .iter()
+            .filter_map(|s| match s {
+                Subscription::Topic(t) => Some(t.clone()),
+                Subscription::Pattern(_) => None,
+            })
+            .collect();
+        let state_only = topics.len() == conn.subscriptions.len()
+            && !topics.is_empty()
+            && topics.iter().all(|t| {
+                self.shared
+                    .topics
+                    .get(t)
+                    .is_some_and(|topic| matches!(topic.state.lock().content, Content::State(_)))
+            });
+        if !state_only || !conn.reopen_after_overflow() {
+            return;
+        }
+        for name in topics {
+            let Some(topic) = self.shared.topics.get(&name) else {
+                continue;
+            };
+            let mut state = topic.state.lock();
+            let version = state.version();
+            let Content::State(doc) = &mut state.content else {
+                continue;
+            };
+            let snapshot = encode_snapshot(&name, version.to_buf().as_str(), &doc.json(), now_ms());
+            drop(state);
+            self.index.set_after(&name, slot, version.offset);
+            let _ = conn.send(snapshot);
+        }
+    }
+
+    fn register(
+        &mut self,
+        stream: std::net::TcpStream,
+        leftover: &[u8],
+        mode: Mode,
+        subscribe_to: Option<String>,
+    ) {
         let mut stream = mio::net::TcpStream::from_std(stream);
         let clock_ms = self.now_ms();
         let entry = self.slots.vacant_entry();
@@ -255,6 +332,37 @@ impl Shard {
                 CloseReason::Shutdown,
                 true,
             );
+        }
+        if let Some(topic) = subscribe_to {
+            let request = SubscriptionRequest {
+                topics: vec![topic],
+                ..SubscriptionRequest::default()
+            };
+            let Shard {
+                slots,
+                index,
+                shared,
+                ..
+            } = self;
+            if let Some(conn) = slots.get_mut(slot as usize) {
+                match subscribe(conn, slot, index, shared, &request) {
+                    Ok(frames) => {
+                        let ack = ServerMessage::Subscribed {
+                            id: None,
+                            topics: &request.topics,
+                            patterns: &request.patterns,
+                            ts: now_ms(),
+                        };
+                        conn.send(ack.to_frame());
+                        for frame in frames {
+                            conn.send(frame);
+                        }
+                    }
+                    Err(e) => {
+                        conn.send(error_frame(e.code(), &e.to_string(), None));
+                    }
+                }
+            }
         }
         if !leftover.is_empty() {
             let max_message = self.max_message(mode);
@@ -485,21 +593,21 @@ fn serve(
     let reply = match parse_client(text) {
         Err(e) => error_frame(e.code(), &e.to_string(), None),
         Ok(ClientMessage::Subscribe(req)) => {
-            match subscribe(
-                conn,
-                slot,
-                index,
-                &req.topics,
-                &req.patterns,
-                shared.config.max_subscriptions,
-            ) {
-                Ok(()) => ServerMessage::Subscribed {
-                    id: req.id.as_ref(),
-                    topics: &req.topics,
-                    patterns: &req.patterns,
-                    ts: now_ms(),
+            match subscribe(conn, slot, index, shared, &req) {
+                Ok(frames) => {
+                    let ack = ServerMessage::Subscribed {
+                        id: req.id.as_ref(),
+                        topics: &req.topics,
+                        patterns: &req.patterns,
+                        ts: now_ms(),
+                    };
+                    // Acknowledge first; snapshots and replays follow, then live frames.
+                    conn.send(ack.to_frame());
+                    for frame in frames {
+                        conn.send(frame);
+                    }
+                    return;
                 }
-                .to_frame(),
                 Err(e) => error_frame(e.code(), &e.to_string(), req.id.as_ref()),
             }
         }
@@ -513,6 +621,22 @@ fn serve(
                 }
                 .to_frame(),
                 Err(e) => error_frame(e.code(), &e.to_string(), req.id.as_ref()),
+            }
+        }
+        Ok(ClientMessage::Resync {
+            topic,
+            last_version,
+            id,
+        }) => {
+            match resync(conn, slot, index, shared, &topic, &last_version) {
+                // The replay (or snapshot, or history_truncated) is the answer.
+                Ok(frames) => {
+                    for frame in frames {
+                        conn.send(frame);
+                    }
+                    return;
+                }
+                Err(e) => error_frame(e.code(), &e.to_string(), id.as_ref()),
             }
         }
         Ok(ClientMessage::Ping { id }) => ServerMessage::Pong {
@@ -537,23 +661,47 @@ fn error_frame(code: &str, message: &str, id: Option<&serde_json::Value>) -> Byt
 
 /// Subscribes a connection to topics and patterns, all or nothing. Subscribing to what is
 /// already subscribed is a no-op.
+///
+/// For each new topic, under the topic's lock: a state topic sends a snapshot (or, with a
+/// `since` that history still covers, exactly the changes after it); an event topic with a
+/// `since` replays exactly what came after it, or says `history_truncated` and sends what
+/// history has. The index entry records the topic's offset at that moment, so publications
+/// already on their way to this shard are not sent twice, and none after it is missed.
 fn subscribe(
     conn: &mut Connection,
     slot: SlotId,
     index: &mut Index,
-    topics: &[String],
-    patterns: &[String],
-    max_subscriptions: usize,
-) -> Result<(), SubscribeError> {
-    for t in topics {
+    shared: &Shared,
+    req: &SubscriptionRequest,
+) -> Result<Vec<Bytes>, SubscribeError> {
+    for t in &req.topics {
         validate_topic(t)?;
     }
-    let parsed = patterns
+    let parsed = req
+        .patterns
         .iter()
         .map(|p| Pattern::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut since: Vec<(&str, Version)> = Vec::with_capacity(req.since.len());
+    for (topic, version) in &req.since {
+        validate_topic(topic)?;
+        let version = version.parse().map_err(|e: crate::topic::VersionError| {
+            SubscribeError::InvalidVersion {
+                topic: topic.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        since.push((topic, version));
+    }
+    let filter = match &req.filter {
+        None => None,
+        Some(f) => Some(Arc::new(
+            Filter::from_value(f).map_err(|e| SubscribeError::InvalidFilter(e.to_string()))?,
+        )),
+    };
     let subs = &conn.subscriptions;
-    let mut new_topics: Vec<&String> = topics
+    let mut new_topics: Vec<&String> = req
+        .topics
         .iter()
         .filter(|t| {
             !subs
@@ -571,24 +719,142 @@ fn subscribe(
         })
         .collect();
     new_patterns.dedup();
-    let total = subs.len() + new_topics.len() + new_patterns.len();
-    if total > max_subscriptions {
-        return Err(SubscribeError::TooMany(max_subscriptions));
+    let max = shared.config.max_subscriptions;
+    if subs.len() + new_topics.len() + new_patterns.len() > max {
+        return Err(SubscribeError::TooMany(max));
     }
     // Exactly the room needed: most connections subscribe once, to one topic.
     conn.subscriptions
         .reserve_exact(new_topics.len() + new_patterns.len());
+    let mut frames = Vec::new();
     for t in new_topics {
-        // Share one allocation of the name between the index and every subscriber.
-        let name: Arc<str> = index.topic_key(t).unwrap_or_else(|| Arc::from(t.as_str()));
-        index.add_topic(&name, slot);
-        conn.subscriptions.push(Subscription::Topic(name));
+        let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
+        frames.extend(attach(conn, slot, index, shared, t, from, filter.clone()));
     }
     for p in new_patterns {
-        index.add_pattern(&p, slot);
+        index.add_pattern(
+            &p,
+            Sub {
+                slot,
+                after: 0,
+                filter: filter.clone(),
+            },
+        );
         conn.subscriptions.push(Subscription::Pattern(Box::new(p)));
     }
-    Ok(())
+    Ok(frames)
+}
+
+/// Adds one topic subscription; returns what the client needs before live publications.
+fn attach(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    name: &str,
+    since: Option<Version>,
+    filter: Option<Arc<Filter>>,
+) -> Vec<Bytes> {
+    let topic = shared
+        .topics
+        .get_or_create(name, || shared.metrics.topic_created());
+    let mut frames: Vec<Bytes> = Vec::new();
+    let after;
+    {
+        let mut guard = topic.state.lock();
+        let state = &mut *guard;
+        let version = state.history.version();
+        after = version.offset;
+        let passes =
+            |e: &&crate::topic::Entry| filter.as_ref().is_none_or(|f| f.matches_fields(e.fields()));
+        match (&mut state.content, since) {
+            (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
+                Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
+                _ => frames.push(encode_snapshot(
+                    name,
+                    version.to_buf().as_str(),
+                    &doc.json(),
+                    now_ms(),
+                )),
+            },
+            (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
+                Since::Replay(entries) => {
+                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
+                }
+                since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
+                    let first = match since {
+                        Since::Truncated {
+                            first_available, ..
+                        } => first_available,
+                        _ => state.history.first_available(),
+                    };
+                    let first = Version::new(version.epoch, first);
+                    frames.push(encode_history_truncated(
+                        name,
+                        Some(from.to_buf().as_str()),
+                        first.to_buf().as_str(),
+                        version.to_buf().as_str(),
+                        now_ms(),
+                    ));
+                    frames.extend(since.entries().filter(passes).map(|e| e.frame.clone()));
+                }
+            },
+            (Content::Events | Content::Empty, None) => {}
+        }
+        if state.closed {
+            frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
+        }
+    }
+    index.add_topic(
+        &topic.name,
+        Sub {
+            slot,
+            after,
+            filter,
+        },
+    );
+    conn.subscriptions
+        .push(Subscription::Topic(topic.name.clone()));
+    frames
+}
+
+/// `resync`: sends again what the client missed on a subscribed topic since `last_version`.
+fn resync(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    topic: &str,
+    last_version: &str,
+) -> Result<Vec<Bytes>, SubscribeError> {
+    validate_topic(topic)?;
+    let version: Version = last_version
+        .parse()
+        .map_err(
+            |e: crate::topic::VersionError| SubscribeError::InvalidVersion {
+                topic: topic.to_owned(),
+                reason: e.to_string(),
+            },
+        )?;
+    let Some(position) = conn
+        .subscriptions
+        .iter()
+        .position(|s| matches!(s, Subscription::Topic(t) if **t == *topic))
+    else {
+        return Err(SubscribeError::NotSubscribed(topic.to_owned()));
+    };
+    let filter = index.filter_of(topic, slot);
+    conn.subscriptions.swap_remove(position);
+    index.remove_topic(topic, slot);
+    Ok(attach(
+        conn,
+        slot,
+        index,
+        shared,
+        topic,
+        Some(version),
+        filter,
+    ))
 }
 
 /// Removes subscriptions; names not subscribed are ignored, malformed ones refused.

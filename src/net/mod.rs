@@ -141,6 +141,7 @@ pub fn upgrade(
     tracker: &TaskTracker,
     mut req: http::Request<Incoming>,
     mode: Mode,
+    subscribe: Option<String>,
 ) -> Response<Full<Bytes>> {
     let config = hub.config();
     let accept = match handshake::validate(
@@ -193,7 +194,7 @@ pub fn upgrade(
         drop(parts.read_buf);
         // Out of tokio's reactor and into a shard's: the socket stays non-blocking.
         match parts.io.into_inner().into_std() {
-            Ok(stream) => hub.register(stream, leftover, mode),
+            Ok(stream) => hub.register(stream, leftover, mode, subscribe),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot take the socket back");
                 hub.release_unused();

@@ -19,6 +19,15 @@ pub enum ClientMessage {
     Subscribe(SubscriptionRequest),
     /// Unsubscribe from topics and patterns.
     Unsubscribe(SubscriptionRequest),
+    /// Ask again for what was missed on a subscribed topic since `last_version`.
+    Resync {
+        /// The topic.
+        topic: String,
+        /// The last version the client has (`epoch:offset`).
+        last_version: String,
+        /// Request id echoed in the reply.
+        id: Option<Value>,
+    },
     /// Application-level ping (for clients that cannot see WebSocket pings).
     Ping {
         /// Request id echoed in the `pong`.
@@ -35,6 +44,10 @@ pub struct SubscriptionRequest {
     pub topics: Vec<String>,
     /// Topic patterns.
     pub patterns: Vec<String>,
+    /// Per-topic resume points: topic name to the last version the client has.
+    pub since: Vec<(String, String)>,
+    /// A filter on event data for every topic and pattern of the request.
+    pub filter: Option<Value>,
     /// Request id echoed in the acknowledgement.
     pub id: Option<Value>,
 }
@@ -78,15 +91,48 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, MessageError> {
     };
     match kind.as_str() {
         "subscribe" | "unsubscribe" => {
+            let since = match obj.remove("since") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Object(map)) => map
+                    .into_iter()
+                    .map(|(topic, v)| match v {
+                        Value::String(v) => Ok((topic, v)),
+                        _ => Err(MessageError::InvalidJson(
+                            "\"since\" maps topics to version strings".into(),
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?,
+                Some(_) => {
+                    return Err(MessageError::InvalidJson(
+                        "\"since\" maps topics to version strings".into(),
+                    ));
+                }
+            };
             let req = SubscriptionRequest {
                 topics: string_list(&mut obj, "topics")?,
                 patterns: string_list(&mut obj, "patterns")?,
+                since,
+                filter: obj.remove("filter").filter(|f| !f.is_null()),
                 id,
             };
             Ok(if kind == "subscribe" {
                 ClientMessage::Subscribe(req)
             } else {
                 ClientMessage::Unsubscribe(req)
+            })
+        }
+        "resync" => {
+            let field =
+                |obj: &mut serde_json::Map<String, Value>, name: &str| match obj.remove(name) {
+                    Some(Value::String(s)) => Ok(s),
+                    _ => Err(MessageError::InvalidJson(format!(
+                        "missing string field \"{name}\""
+                    ))),
+                };
+            Ok(ClientMessage::Resync {
+                topic: field(&mut obj, "topic")?,
+                last_version: field(&mut obj, "last_version")?,
+                id,
             })
         }
         "ping" => Ok(ClientMessage::Ping { id }),
@@ -237,6 +283,8 @@ mod tests {
             Ok(ClientMessage::Subscribe(SubscriptionRequest {
                 topics: vec!["a:b".into()],
                 patterns: vec!["a:*".into()],
+                since: Vec::new(),
+                filter: None,
                 id: Some(Value::from(7)),
             }))
         );
