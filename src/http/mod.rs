@@ -50,8 +50,6 @@ fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Routes one request.
-
-/// Routes one request.
 pub async fn route(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
