@@ -211,7 +211,18 @@ impl Config {
         for (key, value) in overrides {
             table.insert(key.clone(), value.clone());
         }
-        Config::deserialize(table).map_err(|e| ConfigError::Invalid(e.message().to_owned()))
+        Config::deserialize(table.clone()).map_err(|e| {
+            // serde names an unknown key itself; for a bad value, find the key it belongs to.
+            let culprit = table.iter().find_map(|(key, value)| {
+                let mut alone = toml::Table::new();
+                alone.insert(key.clone(), value.clone());
+                Config::deserialize(alone).err().map(|_| key.clone())
+            });
+            ConfigError::Invalid(match culprit {
+                Some(key) if !e.message().contains(&key) => format!("{key}: {}", e.message()),
+                _ => e.message().to_owned(),
+            })
+        })
     }
 }
 

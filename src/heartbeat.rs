@@ -14,6 +14,10 @@ pub const MAX_TICK: Duration = Duration::from_secs(1);
 /// The tick length for a ping interval and pong timeout: a tenth of the shorter one, so a
 /// deadline fires at most 10% late, within [`MIN_TICK`, `MAX_TICK`].
 pub fn tick_for(ping_interval: Duration, pong_timeout: Duration) -> Duration {
+    if ping_interval.is_zero() {
+        // Heartbeats are off: nothing to be precise about.
+        return MAX_TICK;
+    }
     (ping_interval.min(pong_timeout) / 10).clamp(MIN_TICK, MAX_TICK)
 }
 

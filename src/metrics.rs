@@ -1,6 +1,6 @@
 //! Counters of the gateway, exposed as `GET /stats` (JSON) and `GET /metrics` (Prometheus).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// Why a connection ended, as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
     /// A close handshake the peer started, or an orderly end.
     Normal,
@@ -24,6 +24,27 @@ pub enum CloseReason {
     Shutdown,
     /// The socket failed or the peer vanished without a close frame.
     IoError,
+}
+
+impl CloseReason {
+    /// The name used in `/stats` and as the `reason` label in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Timeout => "timeout",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::IoError => "io_error",
+        }
+    }
+}
+
+impl EncodeLabelValue for CloseReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -111,6 +132,10 @@ impl Metrics {
 
     pub(crate) fn topic_created(&self) {
         self.topics.inc();
+    }
+
+    pub(crate) fn topics_removed(&self, n: usize) {
+        self.topics.dec_by(n as i64);
     }
 
     /// Connections open now.

@@ -116,9 +116,7 @@ pub async fn route(
                         StatusCode::OK,
                         &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
                     ),
-                    Err(e) => {
-                        error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string())
-                    }
+                    Err(e) => publish_error(&e),
                 },
                 _ => method_not_allowed("POST"),
             }
@@ -168,6 +166,8 @@ pub fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
         PublishError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
         PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
         PublishError::Topic(TopicError::Closed(_)) => (StatusCode::CONFLICT, "topic_closed"),
+        // `Hub` looks a retired topic up again; this is never returned to a client.
+        PublishError::Topic(TopicError::Retired(_)) => (StatusCode::SERVICE_UNAVAILABLE, "retry"),
         PublishError::Topic(TopicError::WrongKind { .. }) => {
             (StatusCode::CONFLICT, "wrong_topic_kind")
         }

@@ -291,9 +291,10 @@ impl Hub {
     ///
     /// The event frame is encoded here, once; every shard writes a reference to it to each
     /// matching subscriber. Returns once the fan-out is handed off.
-    pub fn publish(&self, topic: &str, data: &[u8]) -> Result<Published, PublishError> {
-        let topic = self.topic(topic)?;
-        let offset = topic.publish_event(data, |p| self.hand_off(p))?;
+    pub fn publish(&self, name: &str, data: &[u8]) -> Result<Published, PublishError> {
+        let (topic, offset) = self.retrying(name, |topic| {
+            topic.publish_event(data, |p| self.hand_off(p))
+        })?;
         self.shared.metrics.published();
         Ok(Published {
             topic: topic.name.to_string(),
@@ -332,9 +333,9 @@ impl Hub {
         if_match: Option<&str>,
     ) -> Result<StateWritten, PublishError> {
         let ops = crate::topic::state::parse_patch(patch).map_err(TopicError::Patch)?;
-        let topic = self.topic(topic)?;
-        let (version, changed) =
-            topic.write_state(if_match, |doc| doc.patch(&ops), |p| self.hand_off(p))?;
+        let (topic, (version, changed)) = self.retrying(topic, |topic| {
+            topic.write_state(if_match, |doc| doc.patch(&ops), |p| self.hand_off(p))
+        })?;
         if changed {
             self.shared.metrics.published();
         }
@@ -400,9 +401,40 @@ impl Hub {
     }
 
     /// Closes a topic: subscribers get `closed`, later publications are refused.
-    pub fn close_topic(&self, topic: &str) -> Result<Version, NameError> {
-        let topic = self.topic(topic)?;
-        Ok(topic.close(|p| self.hand_off(p)))
+    pub fn close_topic(&self, topic: &str) -> Result<Version, PublishError> {
+        let (_, version) = self.retrying(topic, |topic| topic.close(|p| self.hand_off(p)))?;
+        Ok(version)
+    }
+
+    /// Runs `op` on the topic, looking it up again if the sweep retired it meanwhile.
+    fn retrying<T>(
+        &self,
+        name: &str,
+        mut op: impl FnMut(&topics::Topic) -> Result<T, TopicError>,
+    ) -> Result<(Arc<topics::Topic>, T), PublishError> {
+        loop {
+            let topic = self.topic(name)?;
+            match op(&topic) {
+                Err(TopicError::Retired(_)) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(value) => return Ok((topic, value)),
+            }
+        }
+    }
+
+    /// Forgets topics that are idle (see [`Topics::sweep`]).
+    pub fn sweep_topics(&self) {
+        let removed = self.shared.topics.sweep(std::time::Instant::now());
+        self.shared.metrics.topics_removed(removed);
+    }
+
+    /// How often [`Hub::sweep_topics`] should run: a tenth of the history age, within
+    /// one second and one minute.
+    pub fn sweep_interval(&self) -> std::time::Duration {
+        (self.shared.config.history_max_age / 10).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        )
     }
 
     /// Starts shutdown: connections upgraded from now on close at once, and every shard

@@ -468,7 +468,10 @@ impl Shard {
         let mut conn = self.slots.remove(slot as usize);
         for sub in conn.subscriptions.drain(..) {
             match sub {
-                Subscription::Topic(t) => self.index.remove_topic(&t, slot),
+                Subscription::Topic(t) => {
+                    self.index.remove_topic(&t, slot);
+                    detach(&self.shared, &t);
+                }
                 Subscription::Pattern(p) => self.index.remove_pattern(&p, slot),
             }
         }
@@ -612,7 +615,7 @@ fn serve(
             }
         }
         Ok(ClientMessage::Unsubscribe(req)) => {
-            match unsubscribe(conn, slot, index, &req.topics, &req.patterns) {
+            match unsubscribe(conn, slot, index, shared, &req.topics, &req.patterns) {
                 Ok(()) => ServerMessage::Unsubscribed {
                     id: req.id.as_ref(),
                     topics: &req.topics,
@@ -755,13 +758,21 @@ fn attach(
     since: Option<Version>,
     filter: Option<Arc<Filter>>,
 ) -> Vec<Bytes> {
-    let topic = shared
-        .topics
-        .get_or_create(name, || shared.metrics.topic_created());
     let mut frames: Vec<Bytes> = Vec::new();
     let after;
-    {
+    let topic = loop {
+        let topic = shared
+            .topics
+            .get_or_create(name, || shared.metrics.topic_created());
         let mut guard = topic.state.lock();
+        if guard.retired {
+            // Swept between the lookup and the lock: look it up again.
+            continue;
+        }
+        // Counted under the lock the sweep holds while it checks for subscribers.
+        topic
+            .subscribers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let state = &mut *guard;
         let version = state.history.version();
         after = version.offset;
@@ -804,7 +815,9 @@ fn attach(
         if state.closed {
             frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
         }
-    }
+        drop(guard);
+        break topic;
+    };
     index.add_topic(
         &topic.name,
         Sub {
@@ -846,6 +859,7 @@ fn resync(
     let filter = index.filter_of(topic, slot);
     conn.subscriptions.swap_remove(position);
     index.remove_topic(topic, slot);
+    detach(shared, topic);
     Ok(attach(
         conn,
         slot,
@@ -862,6 +876,7 @@ fn unsubscribe(
     conn: &mut Connection,
     slot: SlotId,
     index: &mut Index,
+    shared: &Shared,
     topics: &[String],
     patterns: &[String],
 ) -> Result<(), SubscribeError> {
@@ -875,6 +890,7 @@ fn unsubscribe(
     conn.subscriptions.retain(|s| match s {
         Subscription::Topic(t) if topics.iter().any(|x| **x == **t) => {
             index.remove_topic(t, slot);
+            detach(shared, t);
             false
         }
         Subscription::Pattern(p) if parsed.contains(p) => {
@@ -884,4 +900,13 @@ fn unsubscribe(
         _ => true,
     });
     Ok(())
+}
+
+/// Counts one subscriber of `topic` gone.
+fn detach(shared: &Shared, topic: &str) {
+    if let Some(topic) = shared.topics.get(topic) {
+        topic
+            .subscribers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -38,6 +39,8 @@ pub struct TopicState {
     pub content: Content,
     /// Terminal: nothing more is published.
     pub closed: bool,
+    /// Removed from the registry by the sweep: whoever still holds it must look it up again.
+    pub retired: bool,
 }
 
 impl TopicState {
@@ -54,11 +57,17 @@ pub struct Topic {
     pub name: Arc<str>,
     /// History, content and status.
     pub state: Mutex<TopicState>,
+    /// Connections subscribed to this exact topic, on every shard. A topic with subscribers
+    /// is never swept: their replay marks are offsets of its epoch.
+    pub subscribers: AtomicUsize,
 }
 
 /// Why a change to a topic was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
+    /// The topic was swept from the registry meanwhile; look it up again.
+    #[error("topic {0} was retired")]
+    Retired(String),
     /// The topic was closed; it takes no more publications.
     #[error("topic {0} is closed")]
     Closed(String),
@@ -133,10 +142,43 @@ impl Topics {
                         history: History::new(Epoch::random(), self.limits),
                         content: Content::Empty,
                         closed: false,
+                        retired: false,
                     }),
+                    subscribers: AtomicUsize::new(0),
                 })
             })
             .clone()
+    }
+}
+
+impl Topics {
+    /// Removes topics nobody needs any more: no subscriber, nothing left in history (by
+    /// age), and not a state document (a document is data; it stays). Returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut map = self.map.write();
+        let before = map.len();
+        map.retain(|_, topic| {
+            let mut state = topic.state.lock();
+            state.history.evict(now);
+            let idle = topic.subscribers.load(Ordering::SeqCst) == 0
+                && state.history.is_empty()
+                && !matches!(state.content, Content::State(_));
+            if idle {
+                state.retired = true;
+            }
+            !idle
+        });
+        before - map.len()
+    }
+
+    /// How many topics are known.
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    /// Whether no topic is known.
+    pub fn is_empty(&self) -> bool {
+        self.map.read().is_empty()
     }
 }
 
@@ -226,8 +268,11 @@ impl Topic {
     }
 
     /// Marks the topic terminal and tells its subscribers; closing twice is a no-op.
-    pub fn close(&self, hand_off: impl FnOnce(Publication)) -> Version {
+    pub fn close(&self, hand_off: impl FnOnce(Publication)) -> Result<Version, TopicError> {
         let mut state = self.state.lock();
+        if state.retired {
+            return Err(TopicError::Retired(self.name.to_string()));
+        }
         let version = state.history.version();
         if !state.closed {
             state.closed = true;
@@ -239,10 +284,13 @@ impl Topic {
                 data: None,
             });
         }
-        version
+        Ok(version)
     }
 
     fn check_open(&self, state: &TopicState) -> Result<(), TopicError> {
+        if state.retired {
+            return Err(TopicError::Retired(self.name.to_string()));
+        }
         if state.closed {
             return Err(TopicError::Closed(self.name.to_string()));
         }
@@ -263,5 +311,45 @@ impl Topic {
 fn push(history: &mut History, entry: Entry) {
     if let Err(PushError::OutOfOrder { offset, last }) = history.push(entry, Instant::now()) {
         tracing::error!(offset, last, "history offsets out of order");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sweep_keeps_what_is_needed() {
+        let limits = HistoryLimits {
+            max_len: 10,
+            max_age: Duration::from_secs(60),
+        };
+        let topics = Topics::new(limits);
+        let events = topics.get_or_create("a:events", || {});
+        events.publish_event(b"1", |_| {}).unwrap();
+        let watched = topics.get_or_create("a:watched", || {});
+        watched.publish_event(b"1", |_| {}).unwrap();
+        watched.subscribers.fetch_add(1, Ordering::SeqCst);
+        let doc = topics.get_or_create("a:doc", || {});
+        doc.write_state(None, |d| Ok(d.replace(serde_json::json!({"k": 1}))), |_| {})
+            .unwrap();
+        // Nothing has aged yet.
+        assert_eq!(topics.sweep(Instant::now()), 0);
+        // Past the history age: only the unwatched event topic goes.
+        assert_eq!(topics.sweep(Instant::now() + Duration::from_secs(61)), 1);
+        assert!(topics.get("a:events").is_none());
+        assert!(topics.get("a:watched").is_some() && topics.get("a:doc").is_some());
+        // Whoever still held the swept topic is told to look it up again.
+        assert_eq!(
+            events.publish_event(b"2", |_| {}),
+            Err(TopicError::Retired("a:events".into()))
+        );
+        let fresh = topics.get_or_create("a:events", || {});
+        assert_eq!(
+            fresh.publish_event(b"2", |_| {}),
+            Ok(1),
+            "a new epoch starts at 1"
+        );
     }
 }

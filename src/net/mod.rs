@@ -27,6 +27,9 @@ use crate::proto::{CloseCode, handshake};
 /// usual `net.core.somaxconn` cap; the kernel lowers it to that sysctl if smaller.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// How long to pause accepting after an accept error (such as EMFILE).
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Binds a listener for [`serve`] with address reuse and a deep accept backlog.
 pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -51,6 +54,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
+    tokio::spawn(sweep_topics(hub.clone(), stop.clone()));
     let handshakes = Arc::new(Semaphore::new(hub.config().max_handshakes.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -71,7 +75,9 @@ pub async fn serve(
                 // Out of file descriptors and the like: keep serving what is open.
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::task::yield_now().await;
+                    // Usually out of file descriptors: retrying at once would spin a core
+                    // while nothing can change; a pause lets connections end meanwhile.
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },
             () = &mut shutdown => break,
@@ -96,6 +102,18 @@ pub async fn serve(
         hub.drop_all();
     }
     Ok(())
+}
+
+/// Forgets idle topics every so often, until `stop`.
+async fn sweep_topics(hub: Arc<Hub>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(hub.sweep_interval());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => hub.sweep_topics(),
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Serves one HTTP connection; `_permit` holds its place among the handshakes in progress
@@ -153,6 +171,11 @@ pub fn upgrade(
         Ok(accept) => accept,
         Err(e) => {
             let mut response = error_response(e.status(), e.code(), &e.to_string());
+            if e == handshake::HandshakeError::MethodNotAllowed {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
             if e == handshake::HandshakeError::UnsupportedVersion {
                 response.headers_mut().insert(
                     header::SEC_WEBSOCKET_VERSION,
