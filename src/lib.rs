@@ -102,3 +102,8 @@ impl Gateway {
         net::serve(self.hub, listener, shutdown).await
     }
 }
+
+/// The README's examples, compiled and run as doctests so they cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
