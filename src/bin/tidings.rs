@@ -107,6 +107,15 @@ async fn run(config: Config) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     println!("tidings listening on http://{addr}");
     tracing::info!(%addr, "listening");
+    // Wake a runtime worker every second, so that one which went idle after a burst parks
+    // again later and collects what other threads freed meanwhile (see
+    // `return_freed_memory`).
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(COLLECT_EVERY);
+        loop {
+            tick.tick().await;
+        }
+    });
     Gateway::new(config)
         .serve(listener, shutdown_signal())
         .await
@@ -114,6 +123,11 @@ async fn run(config: Config) -> std::io::Result<()> {
 
 /// The least time between two collections on one runtime thread.
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// The least time between two forced collections on one runtime thread. A forced collection
+/// also purges the allocator's arenas, and costs milliseconds on a busy heap: at most every
+/// 5 s it adds under 0.3 us per delivery at 1,000 subscribers and 10 publications/s.
+const FORCE_COLLECT_EVERY: Duration = Duration::from_secs(5);
 
 /// Called when a runtime worker goes idle: returns the memory it freed to the OS.
 ///
@@ -124,17 +138,22 @@ const COLLECT_EVERY: Duration = Duration::from_secs(1);
 /// themselves (about 250 bytes of live state each).
 fn return_freed_memory() {
     thread_local! {
-        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+        static LAST: Cell<Option<(Instant, Instant)>> = const { Cell::new(None) };
     }
     LAST.with(|last| {
         let now = Instant::now();
-        if last
+        let (collected, forced) = last
             .get()
-            .is_none_or(|t| now.duration_since(t) >= COLLECT_EVERY)
-        {
-            last.set(Some(now));
-            // SAFETY: mi_collect only walks and trims the calling thread's own heap.
+            .unwrap_or((now - FORCE_COLLECT_EVERY, now - FORCE_COLLECT_EVERY));
+        if now.duration_since(forced) >= FORCE_COLLECT_EVERY {
+            last.set(Some((now, now)));
+            // SAFETY: mi_collect trims the calling thread's heap and the shared arenas,
+            // which mimalloc synchronises itself.
             unsafe { libmimalloc_sys::mi_collect(true) };
+        } else if now.duration_since(collected) >= COLLECT_EVERY {
+            last.set(Some((now, forced)));
+            // SAFETY: as above.
+            unsafe { libmimalloc_sys::mi_collect(false) };
         }
     });
 }
