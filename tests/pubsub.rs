@@ -109,14 +109,23 @@ async fn event_data_is_the_published_body_byte_for_byte() {
 }
 
 #[tokio::test]
-async fn event_frame_layout_is_exactly_type_topic_offset_data_ts() {
+async fn event_frame_layout_is_exactly_type_topic_offset_version_data_ts() {
     let gw = TestGateway::start_default().await;
     let mut client = WsClient::connect(gw.addr).await;
     client.subscribe(&["exact:t"], &[], 1).await;
     publish_ok(gw.addr, "exact:t", ODD_PAYLOAD.as_bytes()).await;
     let text = client.next_text().await;
-    let prefix =
-        format!(r#"{{"type":"event","topic":"exact:t","offset":1,"data":{ODD_PAYLOAD},"ts":"#);
+    let head = r#"{"type":"event","topic":"exact:t","offset":1,"version":""#;
+    assert!(text.starts_with(head), "event layout\n  got: {text}\n want: {head}...");
+    // The version is the topic's epoch (16 hex digits) and the offset.
+    let version = &text[head.len()..head.len() + 18];
+    assert!(
+        version.len() == 18
+            && version[..16].bytes().all(|b| b.is_ascii_hexdigit())
+            && &version[16..] == ":1",
+        "version {version:?} in {text}"
+    );
+    let prefix = format!(r#"{head}{version}","data":{ODD_PAYLOAD},"ts":"#);
     assert!(
         text.starts_with(&prefix),
         "event layout\n  got: {text}\n want: {prefix}<ts>}}"

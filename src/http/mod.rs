@@ -229,6 +229,9 @@ fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>
         Err(e @ PollError::InvalidSince(_)) => {
             error_response(StatusCode::BAD_REQUEST, "invalid_since", &e.to_string())
         }
+        Err(e @ PollError::StateTopic(_)) => {
+            error_response(StatusCode::CONFLICT, "wrong_topic_kind", &e.to_string())
+        }
     }
 }
 

@@ -365,6 +365,10 @@ impl Hub {
     pub fn poll(&self, topic: &str, since: &str, limit: usize) -> Result<Vec<u8>, PollError> {
         let topic = self.topic(topic)?;
         let state = topic.state.lock();
+        if matches!(state.content, Content::State(_)) {
+            // A document is read with GET .../state; its history holds diffs, not events.
+            return Err(PollError::StateTopic(topic.name.to_string()));
+        }
         let epoch = state.history.epoch();
         let offset = if since.is_empty() {
             0
@@ -487,6 +491,9 @@ pub enum PollError {
     /// `since` is neither an offset nor a version.
     #[error("invalid since: {0}")]
     InvalidSince(String),
+    /// The topic holds a state document: read it with `GET .../state`.
+    #[error("topic {0} holds a state document; GET /v1/topics/{0}/state reads it")]
+    StateTopic(String),
 }
 
 impl From<PatchError> for PublishError {

@@ -775,7 +775,7 @@ fn attach(
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let state = &mut *guard;
         let version = state.history.version();
-        after = version.offset;
+        let mut mark = version.offset;
         let passes =
             |e: &&crate::topic::Entry| filter.as_ref().is_none_or(|f| f.matches_fields(e.fields()));
         match (&mut state.content, since) {
@@ -793,11 +793,14 @@ fn attach(
                     frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
                 }
                 since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
-                    let first = match since {
+                    // Ahead (a version this history never reached): treat it as lost
+                    // and send everything history has, as for a truncated one.
+                    let (first, entries) = match since {
                         Since::Truncated {
-                            first_available, ..
-                        } => first_available,
-                        _ => state.history.first_available(),
+                            first_available,
+                            entries,
+                        } => (first_available, entries),
+                        _ => (state.history.first_available(), state.history.iter()),
                     };
                     let first = Version::new(version.epoch, first);
                     frames.push(encode_history_truncated(
@@ -807,14 +810,18 @@ fn attach(
                         version.to_buf().as_str(),
                         now_ms(),
                     ));
-                    frames.extend(since.entries().filter(passes).map(|e| e.frame.clone()));
+                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()));
                 }
             },
             (Content::Events | Content::Empty, None) => {}
         }
         if state.closed {
             frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
+            // The `closed` publication may still be on its way to this shard: it is sent
+            // here already, so nothing after this point is.
+            mark = u64::MAX;
         }
+        after = mark;
         drop(guard);
         break topic;
     };

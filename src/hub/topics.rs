@@ -14,8 +14,8 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 
-use crate::proto::message::{encode_event, now_ms};
-use crate::proto::versioned::{encode_change, encode_closed};
+use crate::proto::message::now_ms;
+use crate::proto::versioned::{encode_change, encode_closed, encode_versioned_event};
 use crate::topic::history::PushError;
 use crate::topic::{Entry, Epoch, History, HistoryLimits, PatchError, StateDoc, Version};
 
@@ -197,7 +197,8 @@ impl Topic {
             Content::State(_) => return Err(self.wrong_kind("a state document", "events")),
         }
         let offset = state.history.last_offset() + 1;
-        let frame = encode_event(&self.name, offset, data, now_ms());
+        let version = Version::new(state.history.epoch(), offset).to_buf();
+        let frame = encode_versioned_event(&self.name, offset, version.as_str(), data, now_ms());
         let data = Bytes::copy_from_slice(data);
         push(
             &mut state.history,
@@ -233,16 +234,25 @@ impl Topic {
         if matches!(state.content, Content::Events) {
             return Err(self.wrong_kind("an event stream", "state"));
         }
-        if matches!(state.content, Content::Empty) {
-            let version = state.history.version();
-            state.content = Content::State(StateDoc::restore(version, Value::Null));
-        }
-        let Content::State(doc) = &mut state.content else {
-            unreachable!("made a state document above");
+        // An empty topic becomes a state topic only if this write changes something: a
+        // refused or empty first write leaves it as it was.
+        let mut fresh = match state.content {
+            Content::Empty => Some(StateDoc::restore(state.history.version(), Value::Null)),
+            Content::Events | Content::State(_) => None,
+        };
+        let doc = match (&mut fresh, &mut state.content) {
+            (Some(doc), _) => doc,
+            (None, Content::State(doc)) => doc,
+            (None, Content::Empty | Content::Events) => {
+                unreachable!("an empty topic has a fresh document; events were refused above")
+            }
         };
         let Some(change) = change(doc)? else {
             return Ok((state.history.version(), false));
         };
+        if let Some(doc) = fresh {
+            state.content = Content::State(doc);
+        }
         let (old, new) = (change.old.to_buf(), change.new.to_buf());
         let frame = encode_change(
             &self.name,

@@ -13,6 +13,7 @@
 
 mod http;
 mod raw;
+mod versioned;
 mod ws;
 
 // Not every test binary uses every helper.
@@ -20,6 +21,8 @@ mod ws;
 pub use http::*;
 #[allow(unused_imports)]
 pub use raw::*;
+#[allow(unused_imports)]
+pub use versioned::*;
 #[allow(unused_imports)]
 pub use ws::*;
 
