@@ -116,7 +116,10 @@ async fn event_frame_layout_is_exactly_type_topic_offset_version_data_ts() {
     publish_ok(gw.addr, "exact:t", ODD_PAYLOAD.as_bytes()).await;
     let text = client.next_text().await;
     let head = r#"{"type":"event","topic":"exact:t","offset":1,"version":""#;
-    assert!(text.starts_with(head), "event layout\n  got: {text}\n want: {head}...");
+    assert!(
+        text.starts_with(head),
+        "event layout\n  got: {text}\n want: {head}..."
+    );
     // The version is the topic's epoch (16 hex digits) and the offset.
     let version = &text[head.len()..head.len() + 18];
     assert!(
