@@ -193,6 +193,8 @@ pub struct Connection {
     pub close_deadline: Option<u64>,
     /// Inbound message rate limit.
     pub limiter: RateLimiter,
+    /// Whether the socket is registered for writability (only while frames are queued).
+    pub write_interest: bool,
 }
 
 impl Connection {
@@ -223,6 +225,7 @@ impl Connection {
             last_seen: now,
             close_deadline: None,
             limiter,
+            write_interest: false,
         }
     }
 

@@ -228,7 +228,14 @@ impl Shard {
             }
             conn.last_seq = seq;
             match conn.send(frame.clone()) {
-                Delivery::Written | Delivery::Queued => delivered += 1,
+                Delivery::Written => delivered += 1,
+                Delivery::Queued => {
+                    delivered += 1;
+                    // The socket was full: ask to hear when it drains.
+                    if !conn.write_interest {
+                        unsettled.push(slot);
+                    }
+                }
                 Delivery::Overflowed | Delivery::Dropped => unsettled.push(slot),
             }
         }
@@ -295,11 +302,14 @@ impl Shard {
         let clock_ms = self.now_ms();
         let entry = self.slots.vacant_entry();
         let slot = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(slot),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        // Readable only: writability is asked for only while frames are queued, since with
+        // edge-triggered polling every ACK that frees send-buffer space would otherwise wake
+        // the shard once per delivery.
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(slot), Interest::READABLE)
+        {
             tracing::warn!(error = %e, "cannot register a connection");
             self.shared.connection_released(CloseReason::IoError);
             return;
@@ -444,6 +454,24 @@ impl Shard {
         };
         if conn.has_queued() && conn.phase != Phase::Broken {
             conn.flush();
+        }
+        let want_write = conn.has_queued() && conn.phase != Phase::Broken;
+        if want_write != conn.write_interest {
+            let interest = if want_write {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            // Modifying the registration re-checks readiness, so a socket that became
+            // writable meanwhile is reported at once.
+            if self
+                .poll
+                .registry()
+                .reregister(conn.stream_mut(), Token(slot as usize), interest)
+                .is_ok()
+            {
+                conn.write_interest = want_write;
+            }
         }
         match conn.phase {
             Phase::Open => {}

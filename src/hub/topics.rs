@@ -198,8 +198,13 @@ impl Topic {
         }
         let offset = state.history.last_offset() + 1;
         let version = Version::new(state.history.epoch(), offset).to_buf();
-        let frame = encode_versioned_event(&self.name, offset, version.as_str(), data, now_ms());
-        let data = Bytes::copy_from_slice(data);
+        let ts = now_ms();
+        let frame = encode_versioned_event(&self.name, offset, version.as_str(), data, ts);
+        // History and filters read the data inside the frame, not a copy of it: the frame
+        // ends with `<data>,"ts":<ts>}`.
+        let tail = br#","ts":"#.len() + itoa::Buffer::new().format(ts).len() + 1;
+        let end = frame.len() - tail;
+        let data = frame.slice(end - data.len()..end);
         push(
             &mut state.history,
             Entry::new(offset, frame.clone(), data.clone(), Instant::now()),
@@ -344,6 +349,8 @@ mod tests {
         let doc = topics.get_or_create("a:doc", || {});
         doc.write_state(None, |d| Ok(d.replace(serde_json::json!({"k": 1}))), |_| {})
             .unwrap();
+        // History keeps the data as a slice of the event's frame.
+        assert_eq!(&fresh_data(&topics, "a:watched")[..], b"1");
         // Nothing has aged yet.
         assert_eq!(topics.sweep(Instant::now()), 0);
         // Past the history age: only the unwatched event topic goes.
@@ -361,5 +368,11 @@ mod tests {
             Ok(1),
             "a new epoch starts at 1"
         );
+    }
+
+    fn fresh_data(topics: &Topics, name: &str) -> Bytes {
+        let topic = topics.get(name).unwrap();
+        let state = topic.state.lock();
+        state.history.iter().last().unwrap().data.clone()
     }
 }
