@@ -131,6 +131,10 @@ struct Common {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Connections to open and close before the baseline memory sample (one-time costs
+    /// of first use are then not counted per connection).
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
 }
 
 /// Subscribers and publishing.
@@ -252,6 +256,7 @@ fn measure(cmd: Cmd) -> Result<()> {
         settle: Duration::from_millis(common.settle_ms),
         drain: Duration::from_millis(common.drain_ms),
         progress: !common.quiet && !common.json,
+        warmup: common.warmup,
     };
     let mut rows: Vec<Row> = Vec::new();
     if let Some(url) = &common.url {

@@ -42,6 +42,10 @@ pub struct ClientOpts {
     pub drain: Duration,
     /// Show progress bars.
     pub progress: bool,
+    /// Connections opened and closed before the baseline sample, so that one-time costs
+    /// (allocator segments, thread buffers touched on first use) are not counted per
+    /// connection.
+    pub warmup: usize,
 }
 
 /// Publishing during a run.
@@ -170,6 +174,23 @@ fn track_peak(target: &Target, peak: &mut Option<u64>) {
 /// Runs `plan` against `target`.
 pub fn run(target: &mut Target, plan: &Plan, opts: &ClientOpts) -> Result<RunData> {
     let mut data = RunData::default();
+    if opts.warmup > 0 {
+        let warm = Plan {
+            conns: opts.warmup,
+            topics: plan.topics,
+            slow_fraction: 0.0,
+            slow_rcvbuf: 0,
+            churn_rate: 0.0,
+            churn_hold: Duration::ZERO,
+            publish: None,
+        };
+        let mut workers = Workers::spawn(&specs(target, &warm, opts))?;
+        while !workers.all_ready() {
+            workers.poll_until(Instant::now() + Duration::from_millis(100))?;
+        }
+        // Dropping the workers ends their processes, closing every warm-up connection.
+        drop(workers);
+    }
     std::thread::sleep(opts.settle);
     data.before = target.sample();
     let mut workers = Workers::spawn(&specs(target, plan, opts))?;
