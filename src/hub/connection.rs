@@ -267,13 +267,16 @@ impl Connection {
             self.queued += frame.len();
             self.out.push_back(frame);
         }
-        if self.queued > self.max_queued {
-            self.start_close(CloseCode::TryAgainLater, "slow consumer", false);
-            self.reason = CloseReason::SlowConsumer;
-            self.phase = Phase::CloseSent;
+        if self.over_limit() {
+            // The shard decides: fresh snapshots, or a 1013 close after what is queued.
             return Delivery::Overflowed;
         }
         Delivery::Queued
+    }
+
+    /// Whether more than `max_queued` bytes wait for the socket.
+    pub fn over_limit(&self) -> bool {
+        self.queued > self.max_queued
     }
 
     /// Sends a control or reply frame even while closing is not yet started.
@@ -313,23 +316,13 @@ impl Connection {
         true
     }
 
-    /// Undoes the 1013 close that a queue overflow started, dropping everything queued
-    /// (except a partly written head frame): for a connection that only follows state
-    /// documents, a fresh snapshot replaces the backlog. Returns false if that close was
-    /// not the last thing that happened (nothing is changed then).
-    pub fn reopen_after_overflow(&mut self) -> bool {
-        if self.phase != Phase::CloseSent
-            || self.reason != CloseReason::SlowConsumer
-            || self.close_deadline.is_some()
-        {
-            return false;
-        }
+    /// Drops everything queued except a partly written head frame (which must be finished
+    /// to keep the stream well-formed): for a connection that only follows state
+    /// documents, fresh snapshots replace the backlog.
+    pub fn drop_queued(&mut self) {
         let keep = usize::from(self.head_written > 0);
         self.out.truncate(keep);
         self.queued = self.out.front().map_or(0, |f| f.len() - self.head_written);
-        self.phase = Phase::Open;
-        self.reason = CloseReason::Normal;
-        true
     }
 
     /// Gives up on the connection: nothing more can be written.

@@ -241,7 +241,7 @@ impl Shard {
         }
         self.shared.metrics.delivered(delivered);
         for slot in unsettled {
-            self.on_overflow(slot);
+            self.on_overflow(slot, &topic, offset);
             self.settle(slot);
         }
         if self.targets.capacity() > 4096 {
@@ -249,13 +249,18 @@ impl Shard {
         }
     }
 
-    /// A connection whose queue overflowed: one that follows only state documents gets
-    /// fresh snapshots instead of its backlog; any other is closed with 1013 (it resumes
-    /// with `since` and gets exactly what it missed, or is told what it lost).
-    fn on_overflow(&mut self, slot: SlotId) {
+    /// A connection whose queue overflowed on `topic`'s publication `offset`. One that
+    /// follows only state documents drops its backlog for fresh snapshots. Any other gets
+    /// what is already queued and then close 1013, whose reason names the last version
+    /// queued, so it resumes exactly with `since` (or is told by `history_truncated` what
+    /// history no longer has): never silent loss.
+    fn on_overflow(&mut self, slot: SlotId, topic: &str, offset: u64) {
         let Some(conn) = self.slots.get_mut(slot as usize) else {
             return;
         };
+        if !conn.phase.is_open() || !conn.over_limit() {
+            return;
+        }
         let topics: Vec<Arc<str>> = conn
             .subscriptions
             .iter()
@@ -272,9 +277,28 @@ impl Shard {
                     .get(t)
                     .is_some_and(|topic| matches!(topic.state.lock().content, Content::State(_)))
             });
-        if !state_only || !conn.reopen_after_overflow() {
+        if !state_only {
+            let epoch = self
+                .shared
+                .topics
+                .get(topic)
+                .map(|t| t.state.lock().history.epoch());
+            let reason = match epoch {
+                Some(epoch) => {
+                    let version = Version::new(epoch, offset);
+                    format!("slow consumer; last queued {topic} {version}; resume with since")
+                }
+                None => "slow consumer; resume with since".to_string(),
+            };
+            conn.close(
+                CloseCode::TryAgainLater,
+                &reason,
+                CloseReason::SlowConsumer,
+                true,
+            );
             return;
         }
+        conn.drop_queued();
         for name in topics {
             let Some(topic) = self.shared.topics.get(&name) else {
                 continue;
@@ -472,6 +496,15 @@ impl Shard {
             {
                 conn.write_interest = want_write;
             }
+        }
+        if conn.phase.is_open() && conn.over_limit() {
+            // Overflowed by a reply or a ping rather than a publication.
+            conn.close(
+                CloseCode::TryAgainLater,
+                "slow consumer",
+                CloseReason::SlowConsumer,
+                true,
+            );
         }
         match conn.phase {
             Phase::Open => {}
