@@ -309,19 +309,11 @@ impl Hub {
         document: serde_json::Value,
         if_match: Option<&str>,
     ) -> Result<StateWritten, PublishError> {
-        let topic = self.topic(topic)?;
-        let (version, changed) = topic.write_state(
-            if_match,
-            |doc| Ok(doc.replace(document)),
-            |p| self.hand_off(p),
-        )?;
-        if changed {
-            self.shared.metrics.published();
-        }
-        Ok(StateWritten {
-            topic: topic.name.to_string(),
-            version,
-            changed,
+        // Taken by the first attempt that reaches the document (a retired topic is
+        // looked up again before that).
+        let mut document = Some(document);
+        self.write_state(topic, if_match, |doc| {
+            Ok(doc.replace(document.take().unwrap_or_default()))
         })
     }
 
@@ -333,8 +325,19 @@ impl Hub {
         if_match: Option<&str>,
     ) -> Result<StateWritten, PublishError> {
         let ops = crate::topic::state::parse_patch(patch).map_err(TopicError::Patch)?;
+        self.write_state(topic, if_match, |doc| doc.patch(&ops))
+    }
+
+    fn write_state(
+        &self,
+        topic: &str,
+        if_match: Option<&str>,
+        mut change: impl FnMut(
+            &mut crate::topic::StateDoc,
+        ) -> Result<Option<crate::topic::Change>, PatchError>,
+    ) -> Result<StateWritten, PublishError> {
         let (topic, (version, changed)) = self.retrying(topic, |topic| {
-            topic.write_state(if_match, |doc| doc.patch(&ops), |p| self.hand_off(p))
+            topic.write_state(if_match, &mut change, |p| self.hand_off(p))
         })?;
         if changed {
             self.shared.metrics.published();
