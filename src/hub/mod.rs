@@ -7,6 +7,7 @@
 
 pub mod connection;
 pub mod index;
+mod requests;
 pub mod shard;
 pub mod topics;
 

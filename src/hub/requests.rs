@@ -1,0 +1,377 @@
+//! Protocol requests of one connection (`subscribe`, `unsubscribe`, `resync`, `ping`),
+//! served on the shard that owns it.
+//!
+//! Subscribing to a topic reads its snapshot or replay under the topic's lock and records
+//! in the index the offset reached, so publications already on their way to the shard are
+//! not sent twice and none after is missed.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::connection::{Admit, Connection, Inbound, Subscription};
+use super::index::{Index, SlotId, Sub};
+use super::topics::Content;
+use super::{Shared, SubscribeError};
+use crate::metrics::CloseReason;
+use crate::proto::CloseCode;
+use crate::proto::message::{
+    ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
+};
+use crate::proto::versioned::{encode_closed, encode_history_truncated, encode_snapshot};
+use crate::topic::{Filter, Pattern, Since, Version, validate_topic};
+
+/// Serves one protocol request; failures answer with `error` and keep the connection.
+pub(super) fn serve(
+    conn: &mut Connection,
+    inbound: Inbound<'_>,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    clock_ms: u32,
+) {
+    let Inbound::Request(text) = inbound;
+    let rate = shared.config.rate_limit;
+    match conn.limiter.admit(rate, clock_ms) {
+        Admit::Yes => {}
+        Admit::No { first } => {
+            if first {
+                let message = format!("over {rate} messages per second; slow down");
+                conn.send(error_frame("rate_limited", &message, None));
+            }
+            return;
+        }
+        Admit::Close => {
+            conn.close(
+                CloseCode::Policy,
+                "rate limit exceeded",
+                CloseReason::RateLimited,
+                false,
+            );
+            return;
+        }
+    }
+    let reply = match parse_client(text) {
+        Err(e) => error_frame(e.code(), &e.to_string(), None),
+        Ok(ClientMessage::Subscribe(req)) => {
+            match subscribe(conn, slot, index, shared, &req) {
+                Ok(frames) => {
+                    let ack = ServerMessage::Subscribed {
+                        id: req.id.as_ref(),
+                        topics: &req.topics,
+                        patterns: &req.patterns,
+                        ts: now_ms(),
+                    };
+                    // Acknowledge first; snapshots and replays follow, then live frames.
+                    conn.send(ack.to_frame());
+                    for frame in frames {
+                        conn.send(frame);
+                    }
+                    return;
+                }
+                Err(e) => error_frame(e.code(), &e.to_string(), req.id.as_ref()),
+            }
+        }
+        Ok(ClientMessage::Unsubscribe(req)) => {
+            match unsubscribe(conn, slot, index, shared, &req.topics, &req.patterns) {
+                Ok(()) => ServerMessage::Unsubscribed {
+                    id: req.id.as_ref(),
+                    topics: &req.topics,
+                    patterns: &req.patterns,
+                    ts: now_ms(),
+                }
+                .to_frame(),
+                Err(e) => error_frame(e.code(), &e.to_string(), req.id.as_ref()),
+            }
+        }
+        Ok(ClientMessage::Resync {
+            topic,
+            last_version,
+            id,
+        }) => {
+            match resync(conn, slot, index, shared, &topic, &last_version) {
+                // The replay (or snapshot, or history_truncated) is the answer.
+                Ok(frames) => {
+                    for frame in frames {
+                        conn.send(frame);
+                    }
+                    return;
+                }
+                Err(e) => error_frame(e.code(), &e.to_string(), id.as_ref()),
+            }
+        }
+        Ok(ClientMessage::Ping { id }) => ServerMessage::Pong {
+            id: id.as_ref(),
+            ts: now_ms(),
+        }
+        .to_frame(),
+        Ok(ClientMessage::Pong) => return,
+    };
+    conn.send(reply);
+}
+
+pub(super) fn error_frame(code: &str, message: &str, id: Option<&serde_json::Value>) -> Bytes {
+    ServerMessage::Error {
+        code,
+        message,
+        id,
+        ts: now_ms(),
+    }
+    .to_frame()
+}
+
+/// Subscribes a connection to topics and patterns, all or nothing. Subscribing to what is
+/// already subscribed is a no-op.
+///
+/// For each new topic, under the topic's lock: a state topic sends a snapshot (or, with a
+/// `since` that history still covers, exactly the changes after it); an event topic with a
+/// `since` replays exactly what came after it, or says `history_truncated` and sends what
+/// history has. The index entry records the topic's offset at that moment, so publications
+/// already on their way to this shard are not sent twice, and none after it is missed.
+pub(super) fn subscribe(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    req: &SubscriptionRequest,
+) -> Result<Vec<Bytes>, SubscribeError> {
+    for t in &req.topics {
+        validate_topic(t)?;
+    }
+    let parsed = req
+        .patterns
+        .iter()
+        .map(|p| Pattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut since: Vec<(&str, Version)> = Vec::with_capacity(req.since.len());
+    for (topic, version) in &req.since {
+        validate_topic(topic)?;
+        let version = version.parse().map_err(|e: crate::topic::VersionError| {
+            SubscribeError::InvalidVersion {
+                topic: topic.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        since.push((topic, version));
+    }
+    let filter = match &req.filter {
+        None => None,
+        Some(f) => Some(Arc::new(
+            Filter::from_value(f).map_err(|e| SubscribeError::InvalidFilter(e.to_string()))?,
+        )),
+    };
+    let subs = &conn.subscriptions;
+    let mut new_topics: Vec<&String> = req
+        .topics
+        .iter()
+        .filter(|t| {
+            !subs
+                .iter()
+                .any(|s| matches!(s, Subscription::Topic(x) if **x == ***t))
+        })
+        .collect();
+    new_topics.dedup();
+    let mut new_patterns: Vec<Pattern> = parsed
+        .into_iter()
+        .filter(|p| {
+            !subs
+                .iter()
+                .any(|s| matches!(s, Subscription::Pattern(x) if **x == *p))
+        })
+        .collect();
+    new_patterns.dedup();
+    let max = shared.config.max_subscriptions;
+    if subs.len() + new_topics.len() + new_patterns.len() > max {
+        return Err(SubscribeError::TooMany(max));
+    }
+    // Exactly the room needed: most connections subscribe once, to one topic.
+    conn.subscriptions
+        .reserve_exact(new_topics.len() + new_patterns.len());
+    let mut frames = Vec::new();
+    for t in new_topics {
+        let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
+        frames.extend(attach(conn, slot, index, shared, t, from, filter.clone()));
+    }
+    for p in new_patterns {
+        index.add_pattern(
+            &p,
+            Sub {
+                slot,
+                after: 0,
+                filter: filter.clone(),
+            },
+        );
+        conn.subscriptions.push(Subscription::Pattern(Box::new(p)));
+    }
+    Ok(frames)
+}
+
+/// Adds one topic subscription; returns what the client needs before live publications.
+pub(super) fn attach(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    name: &str,
+    since: Option<Version>,
+    filter: Option<Arc<Filter>>,
+) -> Vec<Bytes> {
+    let mut frames: Vec<Bytes> = Vec::new();
+    let after;
+    let topic = loop {
+        let topic = shared
+            .topics
+            .get_or_create(name, || shared.metrics.topic_created());
+        let mut guard = topic.state.lock();
+        if guard.retired {
+            // Swept between the lookup and the lock: look it up again.
+            continue;
+        }
+        // Counted under the lock the sweep holds while it checks for subscribers.
+        topic
+            .subscribers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let state = &mut *guard;
+        let version = state.history.version();
+        let mut mark = version.offset;
+        let passes =
+            |e: &&crate::topic::Entry| filter.as_ref().is_none_or(|f| f.matches_fields(e.fields()));
+        match (&mut state.content, since) {
+            (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
+                Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
+                _ => frames.push(encode_snapshot(
+                    name,
+                    version.to_buf().as_str(),
+                    &doc.json(),
+                    now_ms(),
+                )),
+            },
+            (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
+                Since::Replay(entries) => {
+                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
+                }
+                since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
+                    // Ahead (a version this history never reached): treat it as lost
+                    // and send everything history has, as for a truncated one.
+                    let (first, entries) = match since {
+                        Since::Truncated {
+                            first_available,
+                            entries,
+                        } => (first_available, entries),
+                        _ => (state.history.first_available(), state.history.iter()),
+                    };
+                    let first = Version::new(version.epoch, first);
+                    frames.push(encode_history_truncated(
+                        name,
+                        Some(from.to_buf().as_str()),
+                        first.to_buf().as_str(),
+                        version.to_buf().as_str(),
+                        now_ms(),
+                    ));
+                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()));
+                }
+            },
+            (Content::Events | Content::Empty, None) => {}
+        }
+        if state.closed {
+            frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
+            // The `closed` publication may still be on its way to this shard: it is sent
+            // here already, so nothing after this point is.
+            mark = u64::MAX;
+        }
+        after = mark;
+        drop(guard);
+        break topic;
+    };
+    index.add_topic(
+        &topic.name,
+        Sub {
+            slot,
+            after,
+            filter,
+        },
+    );
+    conn.subscriptions
+        .push(Subscription::Topic(topic.name.clone()));
+    frames
+}
+
+/// `resync`: sends again what the client missed on a subscribed topic since `last_version`.
+pub(super) fn resync(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    topic: &str,
+    last_version: &str,
+) -> Result<Vec<Bytes>, SubscribeError> {
+    validate_topic(topic)?;
+    let version: Version = last_version
+        .parse()
+        .map_err(
+            |e: crate::topic::VersionError| SubscribeError::InvalidVersion {
+                topic: topic.to_owned(),
+                reason: e.to_string(),
+            },
+        )?;
+    let Some(position) = conn
+        .subscriptions
+        .iter()
+        .position(|s| matches!(s, Subscription::Topic(t) if **t == *topic))
+    else {
+        return Err(SubscribeError::NotSubscribed(topic.to_owned()));
+    };
+    let filter = index.filter_of(topic, slot);
+    conn.subscriptions.swap_remove(position);
+    index.remove_topic(topic, slot);
+    detach(shared, topic);
+    Ok(attach(
+        conn,
+        slot,
+        index,
+        shared,
+        topic,
+        Some(version),
+        filter,
+    ))
+}
+
+/// Removes subscriptions; names not subscribed are ignored, malformed ones refused.
+pub(super) fn unsubscribe(
+    conn: &mut Connection,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    topics: &[String],
+    patterns: &[String],
+) -> Result<(), SubscribeError> {
+    for t in topics {
+        validate_topic(t)?;
+    }
+    let parsed = patterns
+        .iter()
+        .map(|p| Pattern::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    conn.subscriptions.retain(|s| match s {
+        Subscription::Topic(t) if topics.iter().any(|x| **x == **t) => {
+            index.remove_topic(t, slot);
+            detach(shared, t);
+            false
+        }
+        Subscription::Pattern(p) if parsed.contains(p) => {
+            index.remove_pattern(p, slot);
+            false
+        }
+        _ => true,
+    });
+    Ok(())
+}
+
+/// Counts one subscriber of `topic` gone.
+pub(super) fn detach(shared: &Shared, topic: &str) {
+    if let Some(topic) = shared.topics.get(topic) {
+        topic
+            .subscribers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
