@@ -77,6 +77,75 @@ pub struct Config {
     /// How long to drain connections on shutdown before dropping what is left.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+
+    /// Deepest nesting of arrays and objects accepted in any JSON a peer sends: publications,
+    /// state documents (checked on the result of every PUT and PATCH) and client messages.
+    /// Deeper is refused (`400`/`422`, or an `error` message). 64 is far beyond what real
+    /// documents need and well below what browsers' and common libraries' parsers accept,
+    /// so everything the gateway forwards can be parsed by its subscribers.
+    pub max_json_depth: usize,
+    /// Largest state document, in bytes of its JSON, checked on the result of every PUT and
+    /// PATCH (`413`, the document unchanged). Every snapshot of it is this big.
+    pub max_state_bytes: usize,
+    /// Most operations in one JSON Patch (`413` beyond). Each operation costs a pointer walk
+    /// under the topic's lock.
+    pub max_patch_ops: usize,
+    /// Memory all state documents together may take (their estimated in-memory size plus
+    /// their serialized copies); a write that would pass it gets `507 state_budget_exhausted`
+    /// and changes nothing.
+    pub state_memory_budget: usize,
+    /// Most topics known at once (each costs a few hundred bytes plus its history); a
+    /// publication or subscription to a new topic beyond it is refused with `503
+    /// too_many_topics` until idle topics are swept.
+    pub max_topics: usize,
+    /// Most bytes of history one topic keeps (frames, counted once). Whichever of
+    /// `history_max_len`, `history_max_bytes` and `history_max_age` is reached first evicts.
+    pub history_max_bytes: usize,
+    /// Most bytes of history all topics together keep. Past it the oldest publications, of
+    /// whichever topic, are evicted first; resume reports them as `history_truncated`.
+    pub history_memory_budget: usize,
+    /// Largest polling response body, in bytes (at least one event is always returned); the
+    /// page says where to continue (`next_offset`, `more`).
+    pub max_poll_bytes: usize,
+    /// Most bytes of publications accepted but not yet written out by every shard. A publish
+    /// that finds no room within `publish_wait` is refused with `503 overloaded` and
+    /// `Retry-After`, so a publisher faster than the sockets cannot grow the gateway.
+    pub publish_queue_bytes: usize,
+    /// Most publications of one topic waiting for the shards. A flooded topic hits this bound
+    /// and is refused (`503 overloaded`) long before the shared `publish_queue_bytes`, so
+    /// other topics keep flowing.
+    pub topic_queue_len: usize,
+    /// How long a publish may wait for room in the queues before it is refused.
+    #[serde(with = "humantime_serde")]
+    pub publish_wait: Duration,
+    /// Most bytes queued for all connections together (each connection's queue counted in
+    /// full, though its frames are shared). A connection whose queue would push the total
+    /// past it is treated as a slow consumer.
+    pub max_queued_total_bytes: usize,
+    /// Most bytes of incomplete inbound frames and fragmented messages held for all
+    /// connections together; a connection that would pass it is closed with 1013.
+    pub max_inbound_buffered_bytes: usize,
+    /// How long a client has to send a request body once its head arrived (between the head
+    /// and the last byte of the body).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// The longest one HTTP request may take, from its first byte to its response.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Most HTTP connections not yet upgraded from one source address. A connection past
+    /// it is answered `503` and closed at once, so one address cannot take the whole
+    /// `max_handshakes` budget. 0 turns the limit off.
+    pub max_handshakes_per_ip: usize,
+    /// Most WebSocket connections from one source address; past it an upgrade gets `503
+    /// too_many_connections`. 0 turns the limit off.
+    pub max_connections_per_ip: usize,
+    /// Peers (addresses or CIDR blocks, `10.0.0.0/8`) trusted to name the client in
+    /// `forwarded_header`. For a connection from one of them, per-address limits apply to
+    /// the client it names, not to the proxy.
+    pub trusted_proxies: Vec<String>,
+    /// The header a trusted proxy names the client in (`X-Forwarded-For` style: the last
+    /// address not itself a trusted proxy is the client).
+    pub forwarded_header: String,
 }
 
 impl Default for Config {
@@ -101,6 +170,25 @@ impl Default for Config {
             history_max_age: Duration::from_secs(300),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            max_json_depth: 64,
+            max_state_bytes: 1024 * 1024,
+            max_patch_ops: 1000,
+            state_memory_budget: 256 * 1024 * 1024,
+            max_topics: 100_000,
+            history_max_bytes: 8 * 1024 * 1024,
+            history_memory_budget: 256 * 1024 * 1024,
+            max_poll_bytes: 1024 * 1024,
+            publish_queue_bytes: 64 * 1024 * 1024,
+            topic_queue_len: 256,
+            publish_wait: Duration::from_millis(100),
+            max_queued_total_bytes: 1024 * 1024 * 1024,
+            max_inbound_buffered_bytes: 256 * 1024 * 1024,
+            body_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_handshakes_per_ip: 128,
+            max_connections_per_ip: 10_000,
+            trusted_proxies: Vec::new(),
+            forwarded_header: "x-forwarded-for".to_string(),
         }
     }
 }
@@ -158,6 +246,44 @@ setters! {
     close_timeout: Duration,
     /// Sets [`Config::shutdown_timeout`].
     shutdown_timeout: Duration,
+    /// Sets [`Config::max_json_depth`].
+    max_json_depth: usize,
+    /// Sets [`Config::max_state_bytes`].
+    max_state_bytes: usize,
+    /// Sets [`Config::max_patch_ops`].
+    max_patch_ops: usize,
+    /// Sets [`Config::state_memory_budget`].
+    state_memory_budget: usize,
+    /// Sets [`Config::max_topics`].
+    max_topics: usize,
+    /// Sets [`Config::history_max_bytes`].
+    history_max_bytes: usize,
+    /// Sets [`Config::history_memory_budget`].
+    history_memory_budget: usize,
+    /// Sets [`Config::max_poll_bytes`].
+    max_poll_bytes: usize,
+    /// Sets [`Config::publish_queue_bytes`].
+    publish_queue_bytes: usize,
+    /// Sets [`Config::topic_queue_len`].
+    topic_queue_len: usize,
+    /// Sets [`Config::publish_wait`].
+    publish_wait: Duration,
+    /// Sets [`Config::max_queued_total_bytes`].
+    max_queued_total_bytes: usize,
+    /// Sets [`Config::max_inbound_buffered_bytes`].
+    max_inbound_buffered_bytes: usize,
+    /// Sets [`Config::body_timeout`].
+    body_timeout: Duration,
+    /// Sets [`Config::request_timeout`].
+    request_timeout: Duration,
+    /// Sets [`Config::max_handshakes_per_ip`].
+    max_handshakes_per_ip: usize,
+    /// Sets [`Config::max_connections_per_ip`].
+    max_connections_per_ip: usize,
+    /// Sets [`Config::trusted_proxies`].
+    trusted_proxies: Vec<String>,
+    /// Sets [`Config::forwarded_header`].
+    forwarded_header: String,
 }
 
 /// A configuration that could not be loaded; the message names the file or key.
