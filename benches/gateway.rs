@@ -17,7 +17,7 @@ use tidings::hub::index::{Index, Sub};
 use tidings::proto::frame::{self, Kind};
 use tidings::proto::message::{encode_event, parse_client};
 use tidings::proto::versioned::{encode_change, encode_versioned_event};
-use tidings::topic::{Epoch, Pattern, StateDoc};
+use tidings::topic::{Epoch, Pattern, StateDoc, StateLimits};
 
 fn payload(size: usize) -> Vec<u8> {
     let pad = "x".repeat(size.saturating_sub(32));
@@ -70,7 +70,7 @@ fn client_parse(c: &mut Criterion) {
     ] {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(BenchmarkId::new("tidings_parse_client", name), |b| {
-            b.iter(|| parse_client(black_box(&text)).expect("valid"))
+            b.iter(|| parse_client(black_box(&text), 64).expect("valid"))
         });
         group.bench_function(BenchmarkId::new("serde_json_value", name), |b| {
             b.iter(|| serde_json::from_str::<Value>(black_box(&text)).expect("valid"))
@@ -205,10 +205,15 @@ fn state_diff(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut doc = StateDoc::new(Epoch::from_u64(1));
-                doc.replace(old.clone());
+                doc.replace(old.clone(), &StateLimits::default())
+                    .expect("within the limits");
                 (doc, new.clone())
             },
-            |(mut doc, new)| doc.replace(new).expect("a change"),
+            |(mut doc, new)| {
+                doc.replace(new, &StateLimits::default())
+                    .expect("within the limits")
+                    .expect("a change")
+            },
             criterion::BatchSize::SmallInput,
         )
     });
@@ -234,11 +239,15 @@ fn state_change_fanout(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut doc = StateDoc::new(Epoch::from_u64(1));
-                doc.replace(old.clone());
+                doc.replace(old.clone(), &StateLimits::default())
+                    .expect("within the limits");
                 (doc, new.clone())
             },
             |(mut doc, new)| {
-                let change = doc.replace(new).expect("a change");
+                let change = doc
+                    .replace(new, &StateLimits::default())
+                    .expect("within the limits")
+                    .expect("a change");
                 changes.fetch_add(1, Ordering::Relaxed);
                 let (from, to) = (change.old.to_buf(), change.new.to_buf());
                 let frame = encode_change(&topic, &change.diff, from.as_str(), to.as_str(), 1);

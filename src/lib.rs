@@ -77,14 +77,21 @@ impl Gateway {
     /// Publishes one JSON value to `topic`, as `POST /v1/topics/{topic}/events` does.
     ///
     /// Returns the publication's offset once the fan-out is handed to the fan-out threads;
-    /// it never waits for subscribers.
+    /// it never waits for subscribers. When the publish queues are full it waits up to
+    /// `publish_wait`, **blocking the calling thread**, and then returns
+    /// [`PublishError::Overloaded`]; from async code prefer [`Gateway::publish_async`].
     pub fn publish(&self, topic: &str, json: &[u8]) -> Result<Published, PublishError> {
-        let limit = self.hub.config().max_publish_bytes;
-        if json.len() > limit {
-            return Err(PublishError::TooLarge { limit });
-        }
-        let range = proto::message::validate_json(json).map_err(PublishError::InvalidJson)?;
-        self.hub.publish(topic, &json[range])
+        let range = self.hub.check_publication(json)?;
+        let admitted = self.hub.admit_blocking(topic, range.len())?;
+        self.hub.publish(admitted, &json[range])
+    }
+
+    /// As [`Gateway::publish`], waiting for room in the publish queues without blocking the
+    /// thread.
+    pub async fn publish_async(&self, topic: &str, json: &[u8]) -> Result<Published, PublishError> {
+        let range = self.hub.check_publication(json)?;
+        let admitted = self.hub.admit(topic, range.len()).await?;
+        self.hub.publish(admitted, &json[range])
     }
 
     /// A snapshot of the gateway's counters (the body of `GET /stats`).

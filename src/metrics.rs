@@ -62,6 +62,10 @@ pub struct Metrics {
     publications: Counter,
     deliveries: Counter,
     topics: Gauge,
+    refused: Counter,
+    history_bytes: Gauge,
+    state_bytes: Gauge,
+    queued_publish_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -73,6 +77,30 @@ impl Default for Metrics {
         let publications = Counter::default();
         let deliveries = Counter::default();
         let topics = Gauge::default();
+        let refused = Counter::default();
+        let history_bytes = Gauge::default();
+        let state_bytes = Gauge::default();
+        let queued_publish_bytes = Gauge::default();
+        registry.register(
+            "publications_refused",
+            "Publications refused with 503 overloaded: the publish queues were full",
+            refused.clone(),
+        );
+        registry.register(
+            "history_bytes",
+            "Bytes of history all topics keep (bounded by history_memory_budget)",
+            history_bytes.clone(),
+        );
+        registry.register(
+            "state_bytes",
+            "Estimated bytes all state documents take (bounded by state_memory_budget)",
+            state_bytes.clone(),
+        );
+        registry.register(
+            "publish_queue_bytes",
+            "Bytes of publications waiting for the shards (bounded by publish_queue_bytes)",
+            queued_publish_bytes.clone(),
+        );
         registry.register(
             "connections",
             "WebSocket connections open now",
@@ -107,6 +135,10 @@ impl Default for Metrics {
             publications,
             deliveries,
             topics,
+            refused,
+            history_bytes,
+            state_bytes,
+            queued_publish_bytes,
         }
     }
 }
@@ -128,6 +160,17 @@ impl Metrics {
 
     pub(crate) fn delivered(&self, n: u64) {
         self.deliveries.inc_by(n);
+    }
+
+    pub(crate) fn publish_refused(&self) {
+        self.refused.inc();
+    }
+
+    /// Sets the memory gauges: history, state documents and the publish queues, in bytes.
+    pub(crate) fn set_memory(&self, history: usize, state: usize, queued: usize) {
+        self.history_bytes.set(history as i64);
+        self.state_bytes.set(state as i64);
+        self.queued_publish_bytes.set(queued as i64);
     }
 
     pub(crate) fn topic_created(&self) {
@@ -164,6 +207,10 @@ impl Metrics {
             publications: self.publications.get(),
             deliveries: self.deliveries.get(),
             topics: self.topics.get().max(0) as u64,
+            publications_refused: self.refused.get(),
+            history_bytes: self.history_bytes.get().max(0) as u64,
+            state_bytes: self.state_bytes.get().max(0) as u64,
+            publish_queue_bytes: self.queued_publish_bytes.get().max(0) as u64,
         }
     }
 
@@ -191,6 +238,14 @@ pub struct Stats {
     pub deliveries: u64,
     /// Topics known to this node.
     pub topics: u64,
+    /// Publications refused with `503 overloaded` since start.
+    pub publications_refused: u64,
+    /// Bytes of history all topics keep now.
+    pub history_bytes: u64,
+    /// Estimated bytes all state documents take now.
+    pub state_bytes: u64,
+    /// Bytes of publications waiting for the shards now.
+    pub publish_queue_bytes: u64,
 }
 
 /// Ended connections by reason.

@@ -99,29 +99,46 @@ async fn an_old_since_on_short_history_gets_history_truncated_then_what_history_
     stranger.ping(2).await;
 }
 
-/// `history_truncated` promises that what follows starts at `first_available`. A `since`
-/// ahead of the topic (same epoch, offset never published) must keep that promise too.
+/// A `since` ahead of the topic (same epoch, offset never published) did not come from this
+/// topic: resuming from it would make the client drop the next publications as already
+/// seen. It is refused with `version_ahead`, on subscribe, on resync and on a poll, and the
+/// connection keeps working.
 #[tokio::test]
-async fn a_since_ahead_of_the_topic_is_truncated_consistently() {
+async fn a_since_ahead_of_the_topic_is_refused_everywhere() {
     let gw = TestGateway::start(Config::default().history_max_len(5)).await;
     let topic = "trunc:ahead";
     publish_numbered(&gw, topic, 1..=21).await;
     let epoch = epoch_of(gw.addr, topic).await;
     let ahead = version_of(&epoch, 99);
     let mut client = WsClient::connect(gw.addr).await;
-    subscribe_since(&mut client, topic, &ahead, 1).await;
-    let message = next_of(&mut client, "history_truncated", topic).await;
-    assert_eq!(message["last_version"], ahead.as_str(), "{message}");
-    assert_eq!(message["version"], version_of(&epoch, 21), "{message}");
-    let (e, first) = split_version(str_field(&message, "first_available"));
-    assert_eq!(e, epoch, "{message}");
-    publish_numbered(&gw, topic, 22..=22).await;
-    // Whatever first_available says, the next event must be that offset.
-    let (_, offset, _) = client.next_event().await;
-    assert_eq!(
-        offset, first,
-        "history_truncated said first_available {first}, but the next event is {offset}: {message}"
+    client
+        .send_json(
+            &json!({"type": "subscribe", "topics": [topic], "since": {topic: ahead}, "id": 1}),
+        )
+        .await;
+    let error = client.expect_error("version_ahead").await;
+    assert_eq!(error["id"], 1, "{error}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&version_of(&epoch, 21)),
+        "names the current version: {error}"
     );
+    // Nothing was subscribed: the next publication does not arrive, a pong does.
+    publish_numbered(&gw, topic, 22..=22).await;
+    client.ping(2).await;
+    // Subscribed from the current version, a resync ahead is refused the same way.
+    subscribe_since(&mut client, topic, &version_of(&epoch, 22), 3).await;
+    client
+        .send_json(&json!({"type": "resync", "topic": topic, "last_version": ahead, "id": 4}))
+        .await;
+    client.expect_error("version_ahead").await;
+    publish_numbered(&gw, topic, 23..=23).await;
+    expect_numbered_events(&mut client, topic, 23..=23).await;
+    // The poll says so too, for a version and for a bare offset.
+    for since in [ahead.clone(), "99".to_string()] {
+        let response = http_get(gw.addr, &format!("/v1/topics/{topic}/events?since={since}")).await;
+        response.assert_error(409, "version_ahead");
+    }
 }
 
 // 5. Polling and WebSocket agree.

@@ -7,7 +7,7 @@ use tidings::topic::{Pattern, validate_topic};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(tidings::proto::message::ClientMessage::Subscribe(req)) = parse_client(text) {
+        if let Ok(tidings::proto::message::ClientMessage::Subscribe(req)) = parse_client(text, 64) {
             for t in &req.topics {
                 let _ = validate_topic(t);
             }

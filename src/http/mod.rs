@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::hub::topics::TopicError;
 use crate::hub::{Hub, PollError, PublishError, StateWritten};
 use crate::net::{Mode, upgrade};
-use crate::proto::message::validate_json;
+use crate::proto::json::JsonLimitError;
 
 /// A JSON error body: `{"code": "...", "message": "..."}`.
 #[derive(Debug, Serialize)]
@@ -136,11 +136,15 @@ async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Ful
         Ok(body) => body,
         Err(response) => return response,
     };
-    let range = match validate_json(&body) {
+    let range = match hub.check_publication(&body) {
         Ok(range) => range,
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e),
+        Err(e) => return publish_error(&e),
     };
-    match hub.publish(topic, &body[range]) {
+    let published = match hub.admit(topic, range.len()).await {
+        Ok(admitted) => hub.publish(admitted, &body[range]),
+        Err(e) => Err(e),
+    };
+    match published {
         Ok(published) => json_response(
             StatusCode::ACCEPTED,
             &PublishedBody {
@@ -165,6 +169,35 @@ pub fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
         PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
         PublishError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
         PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        PublishError::Limit(JsonLimitError::TooDeep { .. }) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "json_too_deep")
+        }
+        PublishError::Limit(JsonLimitError::TooLarge { .. }) => {
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        }
+        PublishError::Overloaded { retry_after } => {
+            return with_retry_after(
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    &e.to_string(),
+                ),
+                *retry_after,
+            );
+        }
+        PublishError::Topic(TopicError::TooManyTopics { .. }) => {
+            return with_retry_after(
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_topics",
+                    &e.to_string(),
+                ),
+                TOO_MANY_TOPICS_RETRY_AFTER,
+            );
+        }
+        PublishError::Topic(TopicError::StateBudget { .. }) => {
+            (StatusCode::INSUFFICIENT_STORAGE, "state_budget_exhausted")
+        }
         PublishError::Topic(TopicError::Closed(_)) => (StatusCode::CONFLICT, "topic_closed"),
         // `Hub` looks a retired topic up again; this is never returned to a client.
         PublishError::Topic(TopicError::Retired(_)) => (StatusCode::SERVICE_UNAVAILABLE, "retry"),
@@ -174,12 +207,28 @@ pub fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
         PublishError::Topic(TopicError::PreconditionFailed { .. }) => {
             (StatusCode::PRECONDITION_FAILED, "precondition_failed")
         }
-        PublishError::Topic(TopicError::Patch(p)) => (
+        PublishError::Topic(TopicError::State(p)) => (
             StatusCode::from_u16(p.http_status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
             p.code(),
         ),
     };
     error_response(status, code, &e.to_string())
+}
+
+/// What a `503 too_many_topics` tells the publisher: idle topics are swept about this often
+/// with the default `history_max_age`.
+const TOO_MANY_TOPICS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Adds `Retry-After` in whole seconds (at least one).
+fn with_retry_after(
+    mut response: Response<Full<Bytes>>,
+    after: std::time::Duration,
+) -> Response<Full<Bytes>> {
+    let seconds = after.as_secs().max(1);
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 /// Events one poll returns unless `limit` says otherwise.
@@ -232,6 +281,17 @@ fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>
         Err(e @ PollError::StateTopic(_)) => {
             error_response(StatusCode::CONFLICT, "wrong_topic_kind", &e.to_string())
         }
+        Err(e @ PollError::Ahead { .. }) => {
+            error_response(StatusCode::CONFLICT, "version_ahead", &e.to_string())
+        }
+        Err(e @ PollError::TooManyTopics(_)) => with_retry_after(
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_topics",
+                &e.to_string(),
+            ),
+            TOO_MANY_TOPICS_RETRY_AFTER,
+        ),
     }
 }
 
@@ -275,11 +335,19 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
         Ok(body) => body,
         Err(response) => return response,
     };
+    if let Err(e) = hub.check_publication(&body) {
+        return publish_error(&e);
+    }
+    // Depth-checked above, so building the tree stays within its bound.
     let document: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(document) => document,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()),
     };
-    state_written(hub.put_state(topic, document, if_match.as_deref()))
+    let written = match hub.admit(topic, body.len()).await {
+        Ok(admitted) => hub.put_state(admitted, document, if_match.as_deref()),
+        Err(e) => Err(e),
+    };
+    state_written(written)
 }
 
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
@@ -304,10 +372,14 @@ async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response
         Ok(body) => body,
         Err(response) => return response,
     };
-    if let Err(e) = validate_json(&body) {
-        return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e);
+    if let Err(e) = hub.check_publication(&body) {
+        return publish_error(&e);
     }
-    state_written(hub.patch_state(topic, &body, if_match.as_deref()))
+    let written = match hub.admit(topic, body.len()).await {
+        Ok(admitted) => hub.patch_state(admitted, &body, if_match.as_deref()),
+        Err(e) => Err(e),
+    };
+    state_written(written)
 }
 
 fn if_match(req: &Request<Incoming>) -> Option<String> {

@@ -5,6 +5,7 @@
 //! to its own subscribers, so one publication's fan-out runs on every core at once while
 //! each shard keeps publication order.
 
+mod backlog;
 pub mod connection;
 pub mod index;
 mod requests;
@@ -20,11 +21,13 @@ use crossbeam_channel::Sender;
 use crate::Config;
 use crate::metrics::{CloseReason, Metrics};
 use crate::proto::CloseCode;
+use crate::proto::json::JsonLimitError;
 use crate::proto::versioned::{PollPage, TopicStatus, encode_poll_body};
-use crate::topic::{HistoryLimits, NameError, PatchError, Version, validate_topic};
+use crate::topic::{HistoryLimits, NameError, StateError, StateLimits, Version, validate_topic};
+use backlog::{Backlog, JOB_OVERHEAD, Ticket};
 pub use connection::Mode;
 pub use index::{Index, SlotId};
-use topics::{Content, Publication, TopicError, Topics};
+use topics::{Content, Publication, Topic, TopicError, TopicLimits, Topics};
 
 /// The result of a successful publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,15 @@ pub enum PublishError {
     TooLarge {
         /// The configured limit.
         limit: usize,
+    },
+    /// The payload passes a JSON bound (`max_json_depth`).
+    #[error("the payload is {0}")]
+    Limit(#[from] JsonLimitError),
+    /// The publish queues had no room within `publish_wait`: retry after `retry_after`.
+    #[error("the gateway is overloaded: the publish queues are full; retry later")]
+    Overloaded {
+        /// When to retry.
+        retry_after: std::time::Duration,
     },
     /// The topic refused the change (closed, wrong kind, precondition, patch).
     #[error(transparent)]
@@ -89,6 +101,20 @@ pub enum SubscribeError {
     /// `resync` of a topic the connection is not subscribed to.
     #[error("not subscribed to {0}")]
     NotSubscribed(String),
+    /// A new topic, and the gateway holds `max_topics` topics.
+    #[error("the gateway holds {0} topics, its limit")]
+    TooManyTopics(usize),
+    /// A `since` or `last_version` of the topic's epoch past its last publication: it did
+    /// not come from this topic, and resuming from it would skip what comes next.
+    #[error("{since} is past {topic}'s last version {current}")]
+    VersionAhead {
+        /// The topic.
+        topic: String,
+        /// The version given.
+        since: Version,
+        /// The topic's current version.
+        current: Version,
+    },
 }
 
 impl SubscribeError {
@@ -101,6 +127,8 @@ impl SubscribeError {
             SubscribeError::InvalidVersion { .. } => "invalid_version",
             SubscribeError::InvalidFilter(_) => "invalid_filter",
             SubscribeError::NotSubscribed(_) => "not_subscribed",
+            SubscribeError::TooManyTopics(_) => "too_many_topics",
+            SubscribeError::VersionAhead { .. } => "version_ahead",
         }
     }
 }
@@ -140,6 +168,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The topics.
     pub topics: Topics,
+    /// The publish queues' bound.
+    backlog: Arc<Backlog>,
     /// WebSocket connections open or being upgraded.
     open: AtomicUsize,
     /// Signalled whenever a connection ends, for shutdown's drain.
@@ -191,14 +221,28 @@ impl Hub {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let limits = HistoryLimits {
-            max_len: config.history_max_len,
-            max_age: config.history_max_age,
+        let limits = TopicLimits {
+            history: HistoryLimits {
+                max_len: config.history_max_len,
+                max_age: config.history_max_age,
+                max_bytes: config.history_max_bytes,
+            },
+            history_budget: config.history_memory_budget,
+            max_topics: config.max_topics,
+            state: StateLimits {
+                max_depth: config.max_json_depth,
+                max_bytes: config.max_state_bytes,
+                max_ops: config.max_patch_ops,
+                room: usize::MAX,
+            },
+            state_budget: config.state_memory_budget,
         };
+        let backlog = Backlog::new(config.publish_queue_bytes, config.topic_queue_len.max(1));
         let shared = Arc::new(Shared {
             config,
             metrics: Metrics::default(),
             topics: Topics::new(limits),
+            backlog,
             open: AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -226,9 +270,15 @@ impl Hub {
         &self.shared.config
     }
 
-    /// The hub's counters.
+    /// The hub's counters, with the memory gauges read now.
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        let shared = &self.shared;
+        shared.metrics.set_memory(
+            shared.topics.history_bytes(),
+            shared.topics.state_bytes(),
+            shared.backlog.bytes(),
+        );
+        &shared.metrics
     }
 
     /// Takes a place for a new connection, unless `max_connections` are open.
@@ -273,28 +323,90 @@ impl Hub {
         self.shared.open.load(Ordering::SeqCst)
     }
 
-    fn topic(&self, name: &str) -> Result<Arc<topics::Topic>, NameError> {
+    /// Checks a publication body against `max_publish_bytes` and `max_json_depth` and that it
+    /// is one JSON value; returns the range of the value without surrounding whitespace.
+    pub fn check_publication(&self, json: &[u8]) -> Result<std::ops::Range<usize>, PublishError> {
+        let config = &self.shared.config;
+        if json.len() > config.max_publish_bytes {
+            return Err(PublishError::TooLarge {
+                limit: config.max_publish_bytes,
+            });
+        }
+        crate::proto::message::validate_json(json, config.max_json_depth).map_err(|e| match e {
+            crate::proto::message::JsonError::Invalid(e) => PublishError::InvalidJson(e),
+            crate::proto::message::JsonError::Limit(e) => PublishError::Limit(e),
+        })
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>, PublishError> {
         validate_topic(name)?;
         let metrics = &self.shared.metrics;
         Ok(self
             .shared
             .topics
-            .get_or_create(name, || metrics.topic_created()))
+            .get_or_create(name, || metrics.topic_created())?)
     }
 
-    fn hand_off(&self, publication: Publication) {
+    /// Bytes a publication of `len` bytes of JSON holds in the queues: its frame (with room
+    /// for the envelope) and a job per shard.
+    fn queue_cost(&self, topic: &str, len: usize) -> usize {
+        len + topic.len() + FRAME_ENVELOPE + JOB_OVERHEAD * self.shards.len()
+    }
+
+    fn overloaded(&self) -> PublishError {
+        PublishError::Overloaded {
+            retry_after: OVERLOAD_RETRY_AFTER,
+        }
+    }
+
+    /// Takes room in the publish queues for `len` bytes on topic `name`, waiting up to
+    /// `publish_wait` without blocking the thread.
+    pub async fn admit(&self, name: &str, len: usize) -> Result<Admitted, PublishError> {
+        let topic = self.topic(name)?;
+        let cost = self.queue_cost(name, len);
+        let wait = self.shared.config.publish_wait;
+        match self.shared.backlog.admit(&topic, cost, wait).await {
+            Some(ticket) => Ok(Admitted { topic, ticket }),
+            None => Err(self.overload_refused()),
+        }
+    }
+
+    /// As [`Hub::admit`], blocking the calling thread while it waits.
+    pub fn admit_blocking(&self, name: &str, len: usize) -> Result<Admitted, PublishError> {
+        let topic = self.topic(name)?;
+        let cost = self.queue_cost(name, len);
+        let wait = self.shared.config.publish_wait;
+        match self.shared.backlog.admit_blocking(&topic, cost, wait) {
+            Some(ticket) => Ok(Admitted { topic, ticket }),
+            None => Err(self.overload_refused()),
+        }
+    }
+
+    fn overload_refused(&self) -> PublishError {
+        self.shared.metrics.publish_refused();
+        self.overloaded()
+    }
+
+    fn hand_off(&self, mut publication: Publication, ticket: Option<Ticket>) {
+        if let Some(ticket) = ticket {
+            ticket.settle(publication.frame.len() + JOB_OVERHEAD * self.shards.len());
+            publication.ticket = Some(Arc::new(ticket));
+        }
         for shard in &self.shards {
             shard.send(Job::Publish(publication.clone()));
         }
     }
 
-    /// Publishes one JSON value (already validated) to the event topic `topic`.
+    /// Publishes one JSON value (already validated) to the event topic it was admitted for.
     ///
     /// The event frame is encoded here, once; every shard writes a reference to it to each
     /// matching subscriber. Returns once the fan-out is handed off.
-    pub fn publish(&self, name: &str, data: &[u8]) -> Result<Published, PublishError> {
-        let (topic, offset) = self.retrying(name, |topic| {
-            topic.publish_event(data, |p| self.hand_off(p))
+    pub fn publish(&self, admitted: Admitted, data: &[u8]) -> Result<Published, PublishError> {
+        let Admitted { topic, ticket } = admitted;
+        let mut ticket = Some(ticket);
+        let topics = &self.shared.topics;
+        let (topic, offset) = self.retrying(topic, |topic| {
+            topics.publish_event(topic, data, |p| self.hand_off(p, ticket.take()))
         })?;
         self.shared.metrics.published();
         Ok(Published {
@@ -306,39 +418,45 @@ impl Hub {
     /// Replaces a state document (`PUT`); publishes the diff if anything changed.
     pub fn put_state(
         &self,
-        topic: &str,
+        admitted: Admitted,
         document: serde_json::Value,
         if_match: Option<&str>,
     ) -> Result<StateWritten, PublishError> {
         // Taken by the first attempt that reaches the document (a retired topic is
         // looked up again before that).
         let mut document = Some(document);
-        self.write_state(topic, if_match, |doc| {
-            Ok(doc.replace(document.take().unwrap_or_default()))
+        self.write_state(admitted, if_match, |doc, limits| {
+            doc.replace(document.take().unwrap_or_default(), limits)
         })
     }
 
     /// Applies an RFC 6902 JSON Patch to a state document (`PATCH`), atomically.
     pub fn patch_state(
         &self,
-        topic: &str,
+        admitted: Admitted,
         patch: &[u8],
         if_match: Option<&str>,
     ) -> Result<StateWritten, PublishError> {
-        let ops = crate::topic::state::parse_patch(patch).map_err(TopicError::Patch)?;
-        self.write_state(topic, if_match, |doc| doc.patch(&ops))
+        let ops = crate::topic::state::parse_patch(patch).map_err(StateError::from)?;
+        self.write_state(admitted, if_match, |doc, limits| doc.patch(&ops, limits))
     }
 
     fn write_state(
         &self,
-        topic: &str,
+        admitted: Admitted,
         if_match: Option<&str>,
         mut change: impl FnMut(
             &mut crate::topic::StateDoc,
-        ) -> Result<Option<crate::topic::Change>, PatchError>,
+            &StateLimits,
+        ) -> Result<Option<crate::topic::Change>, StateError>,
     ) -> Result<StateWritten, PublishError> {
+        let Admitted { topic, ticket } = admitted;
+        let mut ticket = Some(ticket);
+        let topics = &self.shared.topics;
         let (topic, (version, changed)) = self.retrying(topic, |topic| {
-            topic.write_state(if_match, &mut change, |p| self.hand_off(p))
+            topics.write_state(topic, if_match, &mut change, |p| {
+                self.hand_off(p, ticket.take())
+            })
         })?;
         if changed {
             self.shared.metrics.published();
@@ -365,9 +483,16 @@ impl Hub {
     }
 
     /// The polling fallback: events after `since` (an offset, or a version whose epoch must
-    /// be the topic's), at most `limit`, as the JSON body of `GET .../events`.
+    /// be the topic's), at most `limit` and about `max_poll_bytes`, as the JSON body of
+    /// `GET .../events`.
     pub fn poll(&self, topic: &str, since: &str, limit: usize) -> Result<Vec<u8>, PollError> {
-        let topic = self.topic(topic)?;
+        let topic = self.topic(topic).map_err(|e| match e {
+            PublishError::InvalidTopic(e) => PollError::InvalidTopic(e),
+            PublishError::Topic(TopicError::TooManyTopics { limit }) => {
+                PollError::TooManyTopics(limit)
+            }
+            other => PollError::InvalidSince(other.to_string()),
+        })?;
         let state = topic.state.lock();
         if matches!(state.content, Content::State(_)) {
             // A document is read with GET .../state; its history holds diffs, not events.
@@ -389,7 +514,15 @@ impl Hub {
                 0
             }
         };
-        let page = state.history.page(offset, limit);
+        if offset > state.history.last_offset() {
+            return Err(PollError::Ahead {
+                since: since.to_owned(),
+                current: state.history.version(),
+            });
+        }
+        let page = state
+            .history
+            .page(offset, limit, self.shared.config.max_poll_bytes);
         let epoch_hex = epoch.to_string();
         let poll_page = PollPage {
             topic: &topic.name,
@@ -401,6 +534,7 @@ impl Hub {
             } else {
                 TopicStatus::Open
             },
+            more: page.more,
         };
         Ok(encode_poll_body(
             &poll_page,
@@ -409,21 +543,27 @@ impl Hub {
     }
 
     /// Closes a topic: subscribers get `closed`, later publications are refused.
-    pub fn close_topic(&self, topic: &str) -> Result<Version, PublishError> {
-        let (_, version) = self.retrying(topic, |topic| topic.close(|p| self.hand_off(p)))?;
+    pub fn close_topic(&self, name: &str) -> Result<Version, PublishError> {
+        let topic = self.topic(name)?;
+        // A close is sent once per topic and must get through however busy the queues are.
+        let cost = self.queue_cost(name, 0);
+        let mut ticket = Some(self.shared.backlog.admit_always(&topic, cost));
+        let topics = &self.shared.topics;
+        let (_, version) = self.retrying(topic, |topic| {
+            topics.close(topic, |p| self.hand_off(p, ticket.take()))
+        })?;
         Ok(version)
     }
 
     /// Runs `op` on the topic, looking it up again if the sweep retired it meanwhile.
     fn retrying<T>(
         &self,
-        name: &str,
-        mut op: impl FnMut(&topics::Topic) -> Result<T, TopicError>,
-    ) -> Result<(Arc<topics::Topic>, T), PublishError> {
+        mut topic: Arc<Topic>,
+        mut op: impl FnMut(&Arc<Topic>) -> Result<T, TopicError>,
+    ) -> Result<(Arc<Topic>, T), PublishError> {
         loop {
-            let topic = self.topic(name)?;
             match op(&topic) {
-                Err(TopicError::Retired(_)) => continue,
+                Err(TopicError::Retired(_)) => topic = self.topic(&topic.name.clone())?,
                 Err(e) => return Err(e.into()),
                 Ok(value) => return Ok((topic, value)),
             }
@@ -498,10 +638,38 @@ pub enum PollError {
     /// The topic holds a state document: read it with `GET .../state`.
     #[error("topic {0} holds a state document; GET /v1/topics/{0}/state reads it")]
     StateTopic(String),
+    /// `since` is past the topic's last publication: it did not come from this topic's
+    /// history (the topic was forgotten and started again, or the value is wrong).
+    #[error(
+        "since {since} is past the topic's last version {current}; poll again from its version or from 0"
+    )]
+    Ahead {
+        /// The `since` given.
+        since: String,
+        /// The topic's current version.
+        current: Version,
+    },
+    /// The topic is unknown and the gateway holds `max_topics` topics.
+    #[error("the gateway holds {0} topics, its limit")]
+    TooManyTopics(usize),
 }
 
-impl From<PatchError> for PublishError {
-    fn from(e: PatchError) -> Self {
-        PublishError::Topic(TopicError::Patch(e))
+impl From<StateError> for PublishError {
+    fn from(e: StateError) -> Self {
+        PublishError::Topic(TopicError::State(e))
     }
+}
+
+/// Room for an event frame's envelope around the published JSON: the header, the type,
+/// offset, version and timestamp fields.
+const FRAME_ENVELOPE: usize = 128;
+
+/// What an `overloaded` refusal tells the publisher to wait before retrying.
+pub const OVERLOAD_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Room taken in the publish queues for one publication to a topic; see [`Hub::admit`].
+#[derive(Debug)]
+pub struct Admitted {
+    topic: Arc<Topic>,
+    ticket: Ticket,
 }

@@ -18,7 +18,7 @@ use crate::proto::CloseCode;
 use crate::proto::message::{
     ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
 };
-use crate::proto::versioned::{encode_closed, encode_history_truncated, encode_snapshot};
+use crate::proto::versioned::{encode_closed, encode_history_truncated};
 use crate::topic::{Filter, Pattern, Since, Version, validate_topic};
 
 /// Serves one protocol request; failures answer with `error` and keep the connection.
@@ -51,7 +51,7 @@ pub(super) fn serve(
             return;
         }
     }
-    let reply = match parse_client(text) {
+    let reply = match parse_client(text, shared.config.max_json_depth) {
         Err(e) => error_frame(e.code(), &e.to_string(), None),
         Ok(ClientMessage::Subscribe(req)) => {
             match subscribe(conn, slot, index, shared, &req) {
@@ -184,13 +184,34 @@ pub(super) fn subscribe(
     if subs.len() + new_topics.len() + new_patterns.len() > max {
         return Err(SubscribeError::TooMany(max));
     }
+    // Checked before anything is attached, so a refused request changes nothing.
+    for t in &new_topics {
+        let topic = shared
+            .topics
+            .get_or_create(t, || shared.metrics.topic_created())
+            .map_err(|_| SubscribeError::TooManyTopics(shared.topics.limits().max_topics))?;
+        if let Some((_, from)) = since.iter().find(|(name, _)| name == t) {
+            let current = topic.state.lock().version();
+            if from.epoch == current.epoch && from.offset > current.offset {
+                return Err(SubscribeError::VersionAhead {
+                    topic: t.to_string(),
+                    since: *from,
+                    current,
+                });
+            }
+        }
+    }
     // Exactly the room needed: most connections subscribe once, to one topic.
     conn.subscriptions
         .reserve_exact(new_topics.len() + new_patterns.len());
     let mut frames = Vec::new();
     for t in new_topics {
         let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
-        frames.extend(attach(conn, slot, index, shared, t, from, filter.clone()));
+        match attach(conn, slot, index, shared, t, from, filter.clone()) {
+            Ok(attached) => frames.extend(attached),
+            // Swept and refilled by others between the check and here: say so, go on.
+            Err(e) => frames.push(error_frame(e.code(), &e.to_string(), req.id.as_ref())),
+        }
     }
     for p in new_patterns {
         index.add_pattern(
@@ -215,13 +236,14 @@ pub(super) fn attach(
     name: &str,
     since: Option<Version>,
     filter: Option<Arc<Filter>>,
-) -> Vec<Bytes> {
+) -> Result<Vec<Bytes>, SubscribeError> {
     let mut frames: Vec<Bytes> = Vec::new();
     let after;
     let topic = loop {
         let topic = shared
             .topics
-            .get_or_create(name, || shared.metrics.topic_created());
+            .get_or_create(name, || shared.metrics.topic_created())
+            .map_err(|_| SubscribeError::TooManyTopics(shared.topics.limits().max_topics))?;
         let mut guard = topic.state.lock();
         if guard.retired {
             // Swept between the lookup and the lock: look it up again.
@@ -239,12 +261,7 @@ pub(super) fn attach(
         match (&mut state.content, since) {
             (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
                 Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
-                _ => frames.push(encode_snapshot(
-                    name,
-                    version.to_buf().as_str(),
-                    &doc.json(),
-                    now_ms(),
-                )),
+                _ => frames.push(doc.snapshot(name)),
             },
             (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
                 Since::Replay(entries) => {
@@ -293,7 +310,7 @@ pub(super) fn attach(
     );
     conn.subscriptions
         .push(Subscription::Topic(topic.name.clone()));
-    frames
+    Ok(frames)
 }
 
 /// `resync`: sends again what the client missed on a subscribed topic since `last_version`.
@@ -314,6 +331,16 @@ pub(super) fn resync(
                 reason: e.to_string(),
             },
         )?;
+    if let Some(topic) = shared.topics.get(topic) {
+        let current = topic.state.lock().version();
+        if version.epoch == current.epoch && version.offset > current.offset {
+            return Err(SubscribeError::VersionAhead {
+                topic: topic.name.to_string(),
+                since: version,
+                current,
+            });
+        }
+    }
     let Some(position) = conn
         .subscriptions
         .iter()
@@ -325,15 +352,7 @@ pub(super) fn resync(
     conn.subscriptions.swap_remove(position);
     index.remove_topic(topic, slot);
     detach(shared, topic);
-    Ok(attach(
-        conn,
-        slot,
-        index,
-        shared,
-        topic,
-        Some(version),
-        filter,
-    ))
+    attach(conn, slot, index, shared, topic, Some(version), filter)
 }
 
 /// Removes subscriptions; names not subscribed are ignored, malformed ones refused.

@@ -7,6 +7,7 @@
 //! and each socket is written by the thread that owns it: no lock, no task wake-up, one
 //! `send` per up-to-date subscriber.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,6 @@ use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::frame::{self, Kind};
 use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
-use crate::proto::versioned::encode_snapshot;
 use crate::topic::{EventFields, Version};
 
 /// The token of the shard's waker; connection tokens are slab keys.
@@ -43,6 +43,16 @@ const READ_BUDGET: usize = 16;
 
 /// Events taken from one poll.
 const EVENTS_PER_POLL: usize = 1024;
+
+/// Jobs taken from the channel per turn of the loop. Moving a publication into its topic's
+/// queue costs a hash lookup, so this only bounds how long sockets and timers wait while a
+/// deep channel is drained.
+const JOBS_PER_TURN: usize = 4096;
+
+/// Subscriber writes (deliveries attempted) per turn of the loop before the shard polls its
+/// sockets and runs its timers again: a flood on one topic delays heartbeats, closes and
+/// other connections' reads by at most this much work (about a millisecond on loopback).
+const FANOUT_BUDGET: usize = 256;
 
 /// One shard's event loop and everything it owns.
 pub struct Shard {
@@ -65,6 +75,11 @@ pub struct Shard {
     /// Connections whose read budget ran out with data possibly left (edge-triggered
     /// readiness will not report them again).
     more_to_read: Vec<(SlotId, u32)>,
+    /// Publications not fanned out yet, per topic, in offset order.
+    pending: HashMap<Arc<str>, VecDeque<Publication>>,
+    /// Topics with pending publications, served round-robin one publication at a time, so a
+    /// flooded topic delays another topic's publication by at most one of its own.
+    ready: VecDeque<Arc<str>>,
     /// Reused buffers.
     targets: Vec<SlotId>,
     due: Vec<(SlotId, u32)>,
@@ -96,6 +111,8 @@ impl Shard {
             timeout_ticks,
             close_ticks,
             more_to_read: Vec::new(),
+            pending: HashMap::new(),
+            ready: VecDeque::new(),
             targets: Vec::new(),
             due: Vec::new(),
         }
@@ -113,7 +130,11 @@ impl Shard {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         loop {
-            let timeout = if self.more_to_read.is_empty() {
+            // Work left over (the waker will not fire again for jobs already sent) means a
+            // poll that only looks at the sockets.
+            let idle =
+                self.more_to_read.is_empty() && self.ready.is_empty() && self.jobs.is_empty();
+            let timeout = if idle {
                 let next = (self.now_tick() + 1) as u128 * self.tick.as_nanos();
                 let elapsed = self.started.elapsed().as_nanos();
                 Duration::from_nanos(next.saturating_sub(elapsed) as u64)
@@ -148,7 +169,7 @@ impl Shard {
                     self.on_readable(slot);
                 }
             }
-            loop {
+            for _ in 0..JOBS_PER_TURN {
                 match self.jobs.try_recv() {
                     Ok(job) => self.on_job(job),
                     Err(TryRecvError::Empty) => break,
@@ -158,6 +179,7 @@ impl Shard {
                     }
                 }
             }
+            self.serve_pending(FANOUT_BUDGET);
             let now = self.now_tick();
             if now > self.wheel.now() {
                 self.on_tick(now);
@@ -167,7 +189,7 @@ impl Shard {
 
     fn on_job(&mut self, job: Job) {
         match job {
-            Job::Publish(publication) => self.fan_out(publication),
+            Job::Publish(publication) => self.enqueue(publication),
             Job::Register {
                 stream,
                 leftover,
@@ -175,6 +197,8 @@ impl Shard {
                 subscribe,
             } => self.register(stream, &leftover, mode, subscribe),
             Job::CloseAll { code, reason } => {
+                // Everything accepted before shutdown goes out before the close frames.
+                self.serve_pending(usize::MAX);
                 let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
                 for key in keys {
                     if let Some(conn) = self.slots.get_mut(key) {
@@ -187,14 +211,55 @@ impl Shard {
         }
     }
 
+    /// Queues a publication behind its topic's earlier ones.
+    fn enqueue(&mut self, publication: Publication) {
+        let queue = self.pending.entry(publication.topic.clone()).or_default();
+        if queue.is_empty() {
+            self.ready.push_back(publication.topic.clone());
+        }
+        queue.push_back(publication);
+    }
+
+    /// Fans out pending publications, one per topic in turn, until `budget` deliveries were
+    /// attempted or nothing is pending.
+    fn serve_pending(&mut self, budget: usize) {
+        let mut spent = 0;
+        while spent < budget {
+            let Some(topic) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(queue) = self.pending.get_mut(&topic) else {
+                continue;
+            };
+            let Some(publication) = queue.pop_front() else {
+                self.pending.remove(&topic);
+                continue;
+            };
+            if queue.is_empty() {
+                // Dropped, so the map holds only topics with something pending.
+                self.pending.remove(&topic);
+            } else {
+                self.ready.push_back(topic);
+            }
+            spent += self.fan_out(publication).max(1);
+        }
+        if self.pending.is_empty() && self.pending.capacity() > 1024 {
+            self.pending.shrink_to(64);
+            self.ready.shrink_to(64);
+        }
+    }
+
     /// Writes one publication's shared frame to every subscriber of its topic on this shard
     /// that has not already had it (snapshot or replay) and whose filter matches.
-    fn fan_out(&mut self, publication: Publication) {
+    /// Returns the deliveries attempted. Its ticket (the publication's place in the publish
+    /// queues) is given back when this returns, once every shard has done the same.
+    fn fan_out(&mut self, publication: Publication) -> usize {
         let Publication {
             topic,
             offset,
             frame,
             data,
+            ticket: _ticket,
         } = publication;
         self.seq += 1;
         let seq = self.seq;
@@ -216,6 +281,7 @@ impl Shard {
             }
             targets.push(sub.slot);
         });
+        let attempted = self.targets.len();
         let mut delivered = 0;
         let mut unsettled = Vec::new();
         for slot in self.targets.drain(..) {
@@ -235,7 +301,9 @@ impl Shard {
                         unsettled.push(slot);
                     }
                 }
-                Delivery::Overflowed | Delivery::Dropped => unsettled.push(slot),
+                Delivery::Overflowed => unsettled.push(slot),
+                // Closing or broken: nothing changed, nothing to do (and no write to try).
+                Delivery::Dropped => {}
             }
         }
         self.shared.metrics.delivered(delivered);
@@ -246,6 +314,7 @@ impl Shard {
         if self.targets.capacity() > 4096 {
             self.targets.shrink_to(4096);
         }
+        attempted
     }
 
     /// A connection whose queue overflowed on `topic`'s publication `offset`. One that
@@ -307,7 +376,7 @@ impl Shard {
             let Content::State(doc) = &mut state.content else {
                 continue;
             };
-            let snapshot = encode_snapshot(&name, version.to_buf().as_str(), &doc.json(), now_ms());
+            let snapshot = doc.snapshot(&name);
             drop(state);
             self.index.set_after(&name, slot, version.offset);
             let _ = conn.send(snapshot);
@@ -475,7 +544,9 @@ impl Shard {
         let Some(conn) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        if conn.has_queued() && conn.phase != Phase::Broken {
+        // While registered for writability the socket was full at the last try: wait for
+        // the event instead of a write that would fail again.
+        if conn.has_queued() && conn.phase != Phase::Broken && !conn.write_interest {
             conn.flush();
         }
         let want_write = conn.has_queued() && conn.phase != Phase::Broken;
@@ -547,6 +618,8 @@ impl Shard {
     }
 
     fn drop_all(&mut self, reason: CloseReason) {
+        self.pending.clear();
+        self.ready.clear();
         let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
         for key in keys {
             if let Some(conn) = self.slots.get_mut(key) {

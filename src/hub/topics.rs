@@ -5,19 +5,22 @@
 //! and a subscriber that reads the topic under the same lock (snapshot or replay) knows
 //! exactly which offsets it already has.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 
+use super::backlog::Ticket;
 use crate::proto::message::now_ms;
 use crate::proto::versioned::{encode_change, encode_closed, encode_versioned_event};
 use crate::topic::history::PushError;
-use crate::topic::{Entry, Epoch, History, HistoryLimits, PatchError, StateDoc, Version};
+use crate::topic::{
+    Entry, Epoch, History, HistoryLimits, StateDoc, StateError, StateLimits, Version,
+};
 
 /// What a topic holds.
 #[derive(Debug)]
@@ -60,6 +63,12 @@ pub struct Topic {
     /// Connections subscribed to this exact topic, on every shard. A topic with subscribers
     /// is never swept: their replay marks are offsets of its epoch.
     pub subscribers: AtomicUsize,
+    /// Publications handed to the shards and not yet written out by all of them (see
+    /// `topic_queue_len`).
+    pub queued: AtomicUsize,
+    /// The oldest offset its history still holds, so the shared history budget can tell a
+    /// stale record of an entry already evicted without taking this topic's lock.
+    first_held: AtomicU64,
 }
 
 /// Why a change to a topic was refused.
@@ -87,9 +96,21 @@ pub enum TopicError {
         /// The current version.
         current: Version,
     },
-    /// A JSON Patch that does not apply; the document is unchanged.
+    /// A state write that does not apply or passes a bound; the document is unchanged.
     #[error(transparent)]
-    Patch(#[from] PatchError),
+    State(#[from] StateError),
+    /// The registry holds `max_topics` topics; a new one cannot be created.
+    #[error("the gateway holds {limit} topics, its limit; idle ones are forgotten over time")]
+    TooManyTopics {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// State documents take `state_memory_budget` bytes already.
+    #[error("state documents take the gateway's whole state memory budget ({budget} bytes)")]
+    StateBudget {
+        /// The configured budget.
+        budget: usize,
+    },
 }
 
 /// A publication to hand to the shards.
@@ -103,22 +124,90 @@ pub struct Publication {
     pub frame: Bytes,
     /// Event data, for subscribers' filters (none for state changes).
     pub data: Option<Bytes>,
+    /// Its place in the publish queues, given back when the last shard is done with it.
+    pub ticket: Option<Arc<Ticket>>,
+}
+
+/// The bounds of a node's topics.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicLimits {
+    /// Each topic's history.
+    pub history: HistoryLimits,
+    /// Bytes of history all topics together keep (`history_memory_budget`).
+    pub history_budget: usize,
+    /// Most topics at once (`max_topics`).
+    pub max_topics: usize,
+    /// Each state write's bounds.
+    pub state: StateLimits,
+    /// Footprint of all state documents together (`state_memory_budget`).
+    pub state_budget: usize,
+}
+
+impl Default for TopicLimits {
+    fn default() -> TopicLimits {
+        TopicLimits {
+            history: HistoryLimits::default(),
+            history_budget: usize::MAX,
+            max_topics: usize::MAX,
+            state: StateLimits::default(),
+            state_budget: usize::MAX,
+        }
+    }
+}
+
+/// A history entry of some topic, in publication order across topics, so the shared
+/// history budget evicts the oldest first.
+#[derive(Debug)]
+struct Held {
+    topic: Weak<Topic>,
+    offset: u64,
+}
+
+impl Held {
+    /// Whether the entry is still in its topic's history.
+    fn is_live(&self) -> bool {
+        self.topic
+            .upgrade()
+            .is_some_and(|t| self.offset >= t.first_held.load(Ordering::Acquire))
+    }
 }
 
 /// All topics of a node.
 #[derive(Debug)]
 pub struct Topics {
     map: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
-    limits: HistoryLimits,
+    limits: TopicLimits,
+    /// Bytes of history held by all topics.
+    history_bytes: AtomicUsize,
+    /// Entries held by all topics.
+    history_entries: AtomicUsize,
+    /// Every entry pushed and not yet known to be gone, oldest first. Records of entries
+    /// that their own topic evicted go stale and are compacted away once they outnumber
+    /// the live ones, so this never holds more than about twice the entries held.
+    order: Mutex<VecDeque<Held>>,
+    /// Footprint of all state documents.
+    state_bytes: AtomicUsize,
 }
 
+/// Records kept beyond twice the live entries before the order queue is compacted.
+const ORDER_SLACK: usize = 1024;
+
 impl Topics {
-    /// An empty registry whose topics keep history within `limits`.
-    pub fn new(limits: HistoryLimits) -> Topics {
+    /// An empty registry whose topics keep within `limits`.
+    pub fn new(limits: TopicLimits) -> Topics {
         Topics {
             map: RwLock::new(HashMap::new()),
             limits,
+            history_bytes: AtomicUsize::new(0),
+            history_entries: AtomicUsize::new(0),
+            order: Mutex::new(VecDeque::new()),
+            state_bytes: AtomicUsize::new(0),
         }
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> &TopicLimits {
+        &self.limits
     }
 
     /// A topic, if known.
@@ -126,32 +215,43 @@ impl Topics {
         self.map.read().get(name).cloned()
     }
 
-    /// A topic, created (with a fresh epoch) if unknown; `created` runs when it is new.
-    /// `name` must be validated.
-    pub fn get_or_create(&self, name: &str, created: impl FnOnce()) -> Arc<Topic> {
+    /// A topic, created (with a fresh epoch) if unknown and there is room; `created` runs
+    /// when it is new. `name` must be validated.
+    pub fn get_or_create(
+        &self,
+        name: &str,
+        created: impl FnOnce(),
+    ) -> Result<Arc<Topic>, TopicError> {
         if let Some(t) = self.get(name) {
-            return t;
+            return Ok(t);
         }
         let mut map = self.map.write();
-        map.entry(Arc::from(name))
-            .or_insert_with_key(|key| {
-                created();
-                Arc::new(Topic {
-                    name: key.clone(),
-                    state: Mutex::new(TopicState {
-                        history: History::new(Epoch::random(), self.limits),
-                        content: Content::Empty,
-                        closed: false,
-                        retired: false,
-                    }),
-                    subscribers: AtomicUsize::new(0),
-                })
-            })
-            .clone()
+        if let Some(t) = map.get(name) {
+            return Ok(t.clone());
+        }
+        if map.len() >= self.limits.max_topics {
+            return Err(TopicError::TooManyTopics {
+                limit: self.limits.max_topics,
+            });
+        }
+        created();
+        let name: Arc<str> = Arc::from(name);
+        let topic = Arc::new(Topic {
+            name: name.clone(),
+            state: Mutex::new(TopicState {
+                history: History::new(Epoch::random(), self.limits.history),
+                content: Content::Empty,
+                closed: false,
+                retired: false,
+            }),
+            subscribers: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            first_held: AtomicU64::new(1),
+        });
+        map.insert(name, topic.clone());
+        Ok(topic)
     }
-}
 
-impl Topics {
     /// Removes topics nobody needs any more: no subscriber, nothing left in history (by
     /// age), and not a state document (a document is data; it stays). Returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
@@ -159,7 +259,9 @@ impl Topics {
         let before = map.len();
         map.retain(|_, topic| {
             let mut state = topic.state.lock();
-            state.history.evict(now);
+            self.changed_history(topic, &mut state.history, |h| {
+                h.evict(now);
+            });
             let idle = topic.subscribers.load(Ordering::SeqCst) == 0
                 && state.history.is_empty()
                 && !matches!(state.content, Content::State(_));
@@ -180,55 +282,139 @@ impl Topics {
     pub fn is_empty(&self) -> bool {
         self.map.read().is_empty()
     }
+
+    /// Bytes of history all topics hold.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Footprint of all state documents.
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Runs `change` on a topic's history (under the topic's lock) and keeps the shared
+    /// counters and the topic's `first_held` true to what it did.
+    fn changed_history(
+        &self,
+        topic: &Topic,
+        history: &mut History,
+        change: impl FnOnce(&mut History),
+    ) {
+        let (bytes, len) = (history.bytes(), history.len());
+        change(history);
+        adjust(&self.history_bytes, bytes, history.bytes());
+        adjust(&self.history_entries, len, history.len());
+        topic
+            .first_held
+            .store(history.first_available(), Ordering::Release);
+    }
+
+    /// Appends to a topic's history (under its lock) and records the entry for the shared
+    /// budget. Offsets come from the history itself (or the state document that shares its
+    /// epoch and counter), so they always increase.
+    fn push(&self, topic: &Arc<Topic>, history: &mut History, entry: Entry) {
+        let offset = entry.offset;
+        self.changed_history(topic, history, |h| {
+            if let Err(PushError::OutOfOrder { offset, last }) = h.push(entry, Instant::now()) {
+                tracing::error!(offset, last, "history offsets out of order");
+            }
+        });
+        if history.last_offset() == offset && !history.is_empty() {
+            let mut order = self.order.lock();
+            order.push_back(Held {
+                topic: Arc::downgrade(topic),
+                offset,
+            });
+            let live = self.history_entries.load(Ordering::Relaxed);
+            if order.len() > 2 * live + ORDER_SLACK {
+                order.retain(Held::is_live);
+            }
+        }
+    }
+
+    /// Evicts the oldest entries of any topic until all history fits its budget. Called
+    /// with no topic lock held, after a publication.
+    fn enforce_history_budget(&self) {
+        while self.history_bytes.load(Ordering::Relaxed) > self.limits.history_budget {
+            let Some(held) = self.order.lock().pop_front() else {
+                return;
+            };
+            let Some(topic) = held.topic.upgrade() else {
+                continue;
+            };
+            let mut state = topic.state.lock();
+            self.changed_history(&topic, &mut state.history, |h| {
+                h.evict_through(held.offset);
+            });
+        }
+    }
 }
 
-impl Topic {
-    /// Appends an event; `hand_off` runs under the lock with the publication.
+/// Moves `counter` by the change from `before` to `after`.
+fn adjust(counter: &AtomicUsize, before: usize, after: usize) {
+    if after >= before {
+        counter.fetch_add(after - before, Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(before - after, Ordering::Relaxed);
+    }
+}
+
+impl Topics {
+    /// Appends an event to `topic`; `hand_off` runs under the topic's lock with the
+    /// publication.
     pub fn publish_event(
         &self,
+        topic: &Arc<Topic>,
         data: &[u8],
         hand_off: impl FnOnce(Publication),
     ) -> Result<u64, TopicError> {
-        let mut state = self.state.lock();
-        self.check_open(&state)?;
+        let mut state = topic.state.lock();
+        topic.check_open(&state)?;
         match state.content {
             Content::Empty => state.content = Content::Events,
             Content::Events => {}
-            Content::State(_) => return Err(self.wrong_kind("a state document", "events")),
+            Content::State(_) => return Err(topic.wrong_kind("a state document", "events")),
         }
         let offset = state.history.last_offset() + 1;
         let version = Version::new(state.history.epoch(), offset).to_buf();
         let ts = now_ms();
-        let frame = encode_versioned_event(&self.name, offset, version.as_str(), data, ts);
+        let frame = encode_versioned_event(&topic.name, offset, version.as_str(), data, ts);
         // History and filters read the data inside the frame, not a copy of it: the frame
         // ends with `<data>,"ts":<ts>}`.
         let tail = br#","ts":"#.len() + itoa::Buffer::new().format(ts).len() + 1;
         let end = frame.len() - tail;
         let data = frame.slice(end - data.len()..end);
-        push(
-            &mut state.history,
-            Entry::new(offset, frame.clone(), data.clone(), Instant::now()),
-        );
+        let entry = Entry::new(offset, frame.clone(), data.clone(), Instant::now());
+        self.push(topic, &mut state.history, entry);
         hand_off(Publication {
-            topic: self.name.clone(),
+            topic: topic.name.clone(),
             offset,
             frame,
             data: Some(data),
+            ticket: None,
         });
+        drop(state);
+        self.enforce_history_budget();
         Ok(offset)
     }
 
-    /// Replaces or patches the state document. `change` gets the document and returns the
-    /// change it made (none when nothing changed, and then nothing is published).
+    /// Replaces or patches `topic`'s state document. `change` gets the document and the
+    /// limits (with the room the state budget leaves this document) and returns the change
+    /// it made (none when nothing changed, and then nothing is published).
     pub fn write_state(
         &self,
+        topic: &Arc<Topic>,
         if_match: Option<&str>,
-        change: impl FnOnce(&mut StateDoc) -> Result<Option<crate::topic::Change>, PatchError>,
+        change: impl FnOnce(
+            &mut StateDoc,
+            &StateLimits,
+        ) -> Result<Option<crate::topic::Change>, StateError>,
         hand_off: impl FnOnce(Publication),
     ) -> Result<(Version, bool), TopicError> {
-        let mut guard = self.state.lock();
+        let mut guard = topic.state.lock();
         let state = &mut *guard;
-        self.check_open(state)?;
+        topic.check_open(state)?;
         if let Some(if_match) = if_match
             && !state.history.version().matches_if_match(if_match)
         {
@@ -237,7 +423,7 @@ impl Topic {
             });
         }
         if matches!(state.content, Content::Events) {
-            return Err(self.wrong_kind("an event stream", "state"));
+            return Err(topic.wrong_kind("an event stream", "state"));
         }
         // An empty topic becomes a state topic only if this write changes something: a
         // refused or empty first write leaves it as it was.
@@ -245,6 +431,7 @@ impl Topic {
             Content::Empty => Some(StateDoc::restore(state.history.version(), Value::Null)),
             Content::Events | Content::State(_) => None,
         };
+        let is_fresh = fresh.is_some();
         let doc = match (&mut fresh, &mut state.content) {
             (Some(doc), _) => doc,
             (None, Content::State(doc)) => doc,
@@ -252,15 +439,31 @@ impl Topic {
                 unreachable!("an empty topic has a fresh document; events were refused above")
             }
         };
-        let Some(change) = change(doc)? else {
-            return Ok((state.history.version(), false));
+        let old_footprint = if is_fresh { 0 } else { doc.footprint() };
+        let used = self.state_bytes.load(Ordering::Relaxed);
+        let limits = StateLimits {
+            room: old_footprint + self.limits.state_budget.saturating_sub(used),
+            ..self.limits.state
         };
+        let result = change(doc, &limits);
+        let new_footprint = doc.footprint();
+        let change = match result {
+            Ok(Some(change)) => change,
+            Ok(None) => return Ok((state.history.version(), false)),
+            Err(StateError::BudgetExhausted) => {
+                return Err(TopicError::StateBudget {
+                    budget: self.limits.state_budget,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        adjust(&self.state_bytes, old_footprint, new_footprint);
         if let Some(doc) = fresh {
             state.content = Content::State(doc);
         }
         let (old, new) = (change.old.to_buf(), change.new.to_buf());
         let frame = encode_change(
-            &self.name,
+            &topic.name,
             &change.diff,
             old.as_str(),
             new.as_str(),
@@ -272,36 +475,46 @@ impl Topic {
             change.diff.clone(),
             Instant::now(),
         );
-        push(&mut state.history, entry);
+        self.push(topic, &mut state.history, entry);
         hand_off(Publication {
-            topic: self.name.clone(),
+            topic: topic.name.clone(),
             offset: change.new.offset,
             frame,
             data: None,
+            ticket: None,
         });
+        drop(guard);
+        self.enforce_history_budget();
         Ok((change.new, true))
     }
 
-    /// Marks the topic terminal and tells its subscribers; closing twice is a no-op.
-    pub fn close(&self, hand_off: impl FnOnce(Publication)) -> Result<Version, TopicError> {
-        let mut state = self.state.lock();
+    /// Marks `topic` terminal and tells its subscribers; closing twice is a no-op.
+    pub fn close(
+        &self,
+        topic: &Arc<Topic>,
+        hand_off: impl FnOnce(Publication),
+    ) -> Result<Version, TopicError> {
+        let mut state = topic.state.lock();
         if state.retired {
-            return Err(TopicError::Retired(self.name.to_string()));
+            return Err(TopicError::Retired(topic.name.to_string()));
         }
         let version = state.history.version();
         if !state.closed {
             state.closed = true;
             hand_off(Publication {
-                topic: self.name.clone(),
+                topic: topic.name.clone(),
                 // Delivered to everyone subscribed, whatever they have seen.
                 offset: u64::MAX,
-                frame: encode_closed(&self.name, version.to_buf().as_str(), now_ms()),
+                frame: encode_closed(&topic.name, version.to_buf().as_str(), now_ms()),
                 data: None,
+                ticket: None,
             });
         }
         Ok(version)
     }
+}
 
+impl Topic {
     fn check_open(&self, state: &TopicState) -> Result<(), TopicError> {
         if state.retired {
             return Err(TopicError::Retired(self.name.to_string()));
@@ -321,33 +534,38 @@ impl Topic {
     }
 }
 
-/// Appends to history. Offsets come from the history itself (or the state document that
-/// shares its epoch and counter), so they always increase.
-fn push(history: &mut History, entry: Entry) {
-    if let Err(PushError::OutOfOrder { offset, last }) = history.push(entry, Instant::now()) {
-        tracing::error!(offset, last, "history offsets out of order");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn registry(history: HistoryLimits) -> Topics {
+        Topics::new(TopicLimits {
+            history,
+            ..TopicLimits::default()
+        })
+    }
+
     #[test]
     fn sweep_keeps_what_is_needed() {
-        let limits = HistoryLimits {
+        let topics = registry(HistoryLimits {
             max_len: 10,
             max_age: Duration::from_secs(60),
-        };
-        let topics = Topics::new(limits);
-        let events = topics.get_or_create("a:events", || {});
-        events.publish_event(b"1", |_| {}).unwrap();
-        let watched = topics.get_or_create("a:watched", || {});
-        watched.publish_event(b"1", |_| {}).unwrap();
+            max_bytes: usize::MAX,
+        });
+        let events = topics.get_or_create("a:events", || {}).unwrap();
+        topics.publish_event(&events, b"1", |_| {}).unwrap();
+        let watched = topics.get_or_create("a:watched", || {}).unwrap();
+        topics.publish_event(&watched, b"1", |_| {}).unwrap();
         watched.subscribers.fetch_add(1, Ordering::SeqCst);
-        let doc = topics.get_or_create("a:doc", || {});
-        doc.write_state(None, |d| Ok(d.replace(serde_json::json!({"k": 1}))), |_| {})
+        let doc = topics.get_or_create("a:doc", || {}).unwrap();
+        topics
+            .write_state(
+                &doc,
+                None,
+                |d, l| d.replace(serde_json::json!({"k": 1}), l),
+                |_| {},
+            )
             .unwrap();
         // History keeps the data as a slice of the event's frame.
         assert_eq!(&fresh_data(&topics, "a:watched")[..], b"1");
@@ -359,15 +577,95 @@ mod tests {
         assert!(topics.get("a:watched").is_some() && topics.get("a:doc").is_some());
         // Whoever still held the swept topic is told to look it up again.
         assert_eq!(
-            events.publish_event(b"2", |_| {}),
+            topics.publish_event(&events, b"2", |_| {}),
             Err(TopicError::Retired("a:events".into()))
         );
-        let fresh = topics.get_or_create("a:events", || {});
+        let fresh = topics.get_or_create("a:events", || {}).unwrap();
         assert_eq!(
-            fresh.publish_event(b"2", |_| {}),
+            topics.publish_event(&fresh, b"2", |_| {}),
             Ok(1),
             "a new epoch starts at 1"
         );
+        // Aged-out history is no longer counted.
+        assert_eq!(topics.history_bytes(), history_of(&topics, "a:events"));
+    }
+
+    fn history_of(topics: &Topics, name: &str) -> usize {
+        topics
+            .get(name)
+            .map_or(0, |t| t.state.lock().history.bytes())
+    }
+
+    #[test]
+    fn the_shared_history_budget_evicts_the_oldest_first() {
+        let topics = Topics::new(TopicLimits {
+            history_budget: 20_000,
+            ..TopicLimits::default()
+        });
+        let a = topics.get_or_create("t:a", || {}).unwrap();
+        let b = topics.get_or_create("t:b", || {}).unwrap();
+        let big = vec![b'1'; 3000];
+        for _ in 0..3 {
+            topics.publish_event(&a, &big, |_| {}).unwrap();
+        }
+        for _ in 0..6 {
+            topics.publish_event(&b, &big, |_| {}).unwrap();
+        }
+        assert!(
+            topics.history_bytes() <= 20_000,
+            "{}",
+            topics.history_bytes()
+        );
+        assert_eq!(
+            topics.history_bytes(),
+            history_of(&topics, "t:a") + history_of(&topics, "t:b")
+        );
+        // a's entries were the oldest: they went first, b kept its newest.
+        let a_len = a.state.lock().history.len();
+        let b_state = b.state.lock();
+        assert_eq!(a_len, 0);
+        assert_eq!(b_state.history.last_offset(), 6);
+        assert!(b_state.history.len() >= 5, "{}", b_state.history.len());
+        // What is evicted is reported as truncated on resume.
+        assert!(!a.state.lock().history.since(0).is_exact());
+    }
+
+    #[test]
+    fn topic_count_and_state_budget_refuse_cleanly() {
+        let topics = Topics::new(TopicLimits {
+            max_topics: 2,
+            state_budget: 4096,
+            ..TopicLimits::default()
+        });
+        let one = topics.get_or_create("s:1", || {}).unwrap();
+        let _two = topics.get_or_create("s:2", || {}).unwrap();
+        assert_eq!(
+            topics.get_or_create("s:3", || {}).unwrap_err(),
+            TopicError::TooManyTopics { limit: 2 }
+        );
+        assert!(
+            topics.get_or_create("s:1", || {}).is_ok(),
+            "known topics are found"
+        );
+        let small = serde_json::json!({"k": "v"});
+        topics
+            .write_state(&one, None, |d, l| d.replace(small.clone(), l), |_| {})
+            .unwrap();
+        let used = topics.state_bytes();
+        assert!(used > 0);
+        let big = serde_json::json!({"k": "v".repeat(5000)});
+        let refused = topics.write_state(&one, None, |d, l| d.replace(big.clone(), l), |_| {});
+        assert_eq!(refused, Err(TopicError::StateBudget { budget: 4096 }));
+        assert_eq!(
+            topics.state_bytes(),
+            used,
+            "a refused write changes nothing"
+        );
+        let state = one.state.lock();
+        let Content::State(doc) = &state.content else {
+            panic!("a state topic");
+        };
+        assert_eq!(doc.doc(), &small);
     }
 
     fn fresh_data(topics: &Topics, name: &str) -> Bytes {

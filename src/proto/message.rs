@@ -61,6 +61,9 @@ pub enum MessageError {
     /// A `type` this protocol version does not know.
     #[error("unknown message type {0:?}")]
     UnknownType(String),
+    /// Arrays and objects nested deeper than `max_json_depth`.
+    #[error("JSON nested deeper than {0} levels")]
+    TooDeep(usize),
 }
 
 impl MessageError {
@@ -69,12 +72,16 @@ impl MessageError {
         match self {
             MessageError::InvalidJson(_) => "invalid_json",
             MessageError::UnknownType(_) => "unknown_type",
+            MessageError::TooDeep(_) => "json_too_deep",
         }
     }
 }
 
-/// Parses one client text message.
-pub fn parse_client(text: &str) -> Result<ClientMessage, MessageError> {
+/// Parses one client text message whose JSON nests at most `max_depth` levels deep.
+pub fn parse_client(text: &str, max_depth: usize) -> Result<ClientMessage, MessageError> {
+    if super::json::depth(text.as_bytes(), max_depth) > max_depth {
+        return Err(MessageError::TooDeep(max_depth));
+    }
     let value: Value =
         serde_json::from_str(text).map_err(|e| MessageError::InvalidJson(e.to_string()))?;
     let Value::Object(mut obj) = value else {
@@ -262,10 +269,24 @@ impl ServerMessage<'_> {
     }
 }
 
-/// Validates that `body` is one JSON value and returns the range of the value itself,
-/// without surrounding whitespace, so it can be embedded verbatim in event frames.
-pub fn validate_json(body: &[u8]) -> Result<std::ops::Range<usize>, String> {
-    let raw: &RawValue = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+/// Why a body is not a publishable JSON value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// Not exactly one JSON value.
+    #[error("{0}")]
+    Invalid(String),
+    /// Nested deeper than allowed.
+    #[error(transparent)]
+    Limit(#[from] super::json::JsonLimitError),
+}
+
+/// Validates that `body` is one JSON value nested at most `max_depth` deep and returns the
+/// range of the value itself, without surrounding whitespace, so it can be embedded
+/// verbatim in event frames.
+pub fn validate_json(body: &[u8], max_depth: usize) -> Result<std::ops::Range<usize>, JsonError> {
+    super::json::check_depth(body, max_depth)?;
+    let raw: &RawValue =
+        serde_json::from_slice(body).map_err(|e| JsonError::Invalid(e.to_string()))?;
     let text = raw.get().as_bytes();
     let start = text.as_ptr() as usize - body.as_ptr() as usize;
     Ok(start..start + text.len())
@@ -277,7 +298,10 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        let m = parse_client(r#"{"type":"subscribe","topics":["a:b"],"patterns":["a:*"],"id":7}"#);
+        let m = parse_client(
+            r#"{"type":"subscribe","topics":["a:b"],"patterns":["a:*"],"id":7}"#,
+            64,
+        );
         assert_eq!(
             m,
             Ok(ClientMessage::Subscribe(SubscriptionRequest {
@@ -288,9 +312,12 @@ mod tests {
                 id: Some(Value::from(7)),
             }))
         );
-        assert_eq!(parse_client(r#"{"type":"pong"}"#), Ok(ClientMessage::Pong));
         assert_eq!(
-            parse_client(r#"{"type":"nope"}"#).unwrap_err().code(),
+            parse_client(r#"{"type":"pong"}"#, 64),
+            Ok(ClientMessage::Pong)
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"nope"}"#, 64).unwrap_err().code(),
             "unknown_type"
         );
         for bad in [
@@ -301,7 +328,7 @@ mod tests {
             r#"{"type":"subscribe","topics":"a"}"#,
         ] {
             assert_eq!(
-                parse_client(bad).unwrap_err().code(),
+                parse_client(bad, 64).unwrap_err().code(),
                 "invalid_json",
                 "{bad}"
             );
@@ -324,18 +351,26 @@ mod tests {
         /// Any text is either a request or a typed error, never a panic.
         #[test]
         fn arbitrary_text_never_panics(text in "\\PC{0,64}") {
-            let _ = parse_client(&text);
-            let _ = validate_json(text.as_bytes());
+            let _ = parse_client(&text, 64);
+            let _ = validate_json(text.as_bytes(), 64);
         }
     }
 
     #[test]
     fn validate_json_trims_whitespace() {
         let body = b"  {\"k\": 1}\n";
-        let r = validate_json(body).unwrap();
+        let r = validate_json(body, 64).unwrap();
         assert_eq!(&body[r], b"{\"k\": 1}");
-        assert!(validate_json(b"{").is_err());
-        assert!(validate_json(b"1 2").is_err());
-        assert!(validate_json(b"").is_err());
+        assert!(validate_json(b"{", 64).is_err());
+        assert!(validate_json(b"1 2", 64).is_err());
+        assert!(validate_json(b"", 64).is_err());
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            validate_json(deep.as_bytes(), 64),
+            Err(JsonError::Limit(_))
+        ));
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(validate_json(ok.as_bytes(), 64).is_ok());
+        assert_eq!(parse_client(&deep, 64).unwrap_err().code(), "json_too_deep");
     }
 }

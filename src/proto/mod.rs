@@ -3,6 +3,7 @@
 pub mod close;
 pub mod frame;
 pub mod handshake;
+pub mod json;
 pub mod message;
 pub mod versioned;
 

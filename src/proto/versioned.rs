@@ -179,11 +179,14 @@ pub struct PollPage<'a> {
     pub truncated: Option<u64>,
     /// Open or closed.
     pub status: TopicStatus,
+    /// Whether more events were available than the page holds (by count or by bytes):
+    /// poll again at once with `next_offset`.
+    pub more: bool,
 }
 
 /// The body of `GET /v1/topics/{topic}/events?since=&limit=`:
 /// `{"topic":T,"epoch":E,"events":[{"offset":N,"data":D},..],"next_offset":N,
-/// "truncated":null|{"first_available":N},"status":"open"|"closed"}`, built from the raw
+/// "truncated":null|{"first_available":N},"more":bool,"status":"open"|"closed"}`, built from the raw
 /// data kept in history, so pollers see the same events and offsets as WebSocket clients.
 pub fn encode_poll_body<'d>(
     page: &PollPage<'_>,
@@ -216,6 +219,11 @@ pub fn encode_poll_body<'d>(
         }
         None => out.extend_from_slice(br#","truncated":null"#),
     }
+    out.extend_from_slice(if page.more {
+        br#","more":true"#
+    } else {
+        br#","more":false"#
+    });
     out.extend_from_slice(br#","status":""#);
     out.extend_from_slice(page.status.as_str().as_bytes());
     out.extend_from_slice(br#""}"#);
@@ -310,13 +318,14 @@ mod tests {
             next_offset: 8,
             truncated: None,
             status: TopicStatus::Open,
+            more: false,
         };
         let body = encode_poll_body(&page, [(7, &br#"{"s":1}"#[..]), (8, b"[2]")]);
         assert_eq!(
             serde_json::from_slice::<Value>(&body).unwrap(),
             json!({"topic": "runs:1", "epoch": "00000000000000ab",
                    "events": [{"offset": 7, "data": {"s": 1}}, {"offset": 8, "data": [2]}],
-                   "next_offset": 8, "truncated": null, "status": "open"})
+                   "next_offset": 8, "truncated": null, "more": false, "status": "open"})
         );
         let closed = PollPage {
             truncated: Some(3),

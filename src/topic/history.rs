@@ -23,6 +23,9 @@ pub const DEFAULT_HISTORY_LEN: usize = 1024;
 /// laptop lid, short enough that a quiet topic does not hold stale frames for hours.
 pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
 
+/// Default for [`HistoryLimits::max_bytes`]: 1,024 events of 8 KiB.
+pub const DEFAULT_HISTORY_BYTES: usize = 8 * 1024 * 1024;
+
 /// How much history a topic keeps. Whichever bound is reached first evicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
@@ -32,6 +35,9 @@ pub struct HistoryLimits {
     pub max_len: usize,
     /// Oldest entry kept. Bounds how long a disconnected client can resume exactly.
     pub max_age: Duration,
+    /// Most bytes kept (each entry's [`Entry::cost`]). Bounds a topic of large events the
+    /// way `max_len` bounds a topic of many small ones.
+    pub max_bytes: usize,
 }
 
 impl Default for HistoryLimits {
@@ -39,6 +45,7 @@ impl Default for HistoryLimits {
         HistoryLimits {
             max_len: DEFAULT_HISTORY_LEN,
             max_age: DEFAULT_HISTORY_AGE,
+            max_bytes: DEFAULT_HISTORY_BYTES,
         }
     }
 }
@@ -56,18 +63,31 @@ pub struct Entry {
     pub at: Instant,
     /// Top-level fields of `data`, extracted at most once, on first use by a filter.
     fields: OnceLock<EventFields>,
+    /// Bytes this entry keeps alive (see [`Entry::cost`]).
+    cost: usize,
 }
 
 impl Entry {
     /// An entry for publication `offset`.
     pub fn new(offset: u64, frame: Bytes, data: Bytes, at: Instant) -> Entry {
+        let (f, d) = (frame.as_ptr_range(), data.as_ptr_range());
+        // An event's data is a slice of its frame: its bytes are counted once.
+        let shared = f.start <= d.start && d.end <= f.end;
+        let cost = std::mem::size_of::<Entry>() + frame.len() + if shared { 0 } else { data.len() };
         Entry {
             offset,
             frame,
             data,
             at,
             fields: OnceLock::new(),
+            cost,
         }
+    }
+
+    /// Bytes this entry keeps alive: itself, its frame, and its data unless that is a slice
+    /// of the frame. History bounds and budgets are counted in this.
+    pub fn cost(&self) -> usize {
+        self.cost
     }
 
     /// The top-level scalar fields of `data`, parsed on the first call only: a replay to many
@@ -153,6 +173,8 @@ pub struct History {
     /// The highest offset no longer held (evicted, or before this history started): a
     /// client that saw at least this much can be served exactly, even across offset gaps.
     evicted_through: u64,
+    /// Sum of the entries' costs.
+    bytes: usize,
 }
 
 impl History {
@@ -171,6 +193,7 @@ impl History {
             entries: VecDeque::new(),
             last,
             evicted_through: last,
+            bytes: 0,
         }
     }
 
@@ -206,6 +229,11 @@ impl History {
         self.entries.len()
     }
 
+    /// Bytes held: the sum of the entries' [`Entry::cost`].
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether history holds no entries.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -226,6 +254,7 @@ impl History {
             });
         }
         self.last = entry.offset;
+        self.bytes += entry.cost;
         self.entries.push_back(entry);
         self.evict(now);
         Ok(())
@@ -241,11 +270,31 @@ impl History {
         let old = self
             .entries
             .partition_point(|e| now.saturating_duration_since(e.at) > max_age);
-        let n = excess.max(old);
+        let mut n = excess.max(old);
+        let mut bytes = self.bytes - self.entries.range(..n).map(|e| e.cost).sum::<usize>();
+        while bytes > self.limits.max_bytes
+            && let Some(entry) = self.entries.get(n)
+        {
+            bytes -= entry.cost;
+            n += 1;
+        }
+        self.drop_front(n)
+    }
+
+    /// Drops every entry at or before `offset` (a shared memory budget needs room); returns
+    /// how many were dropped.
+    pub fn evict_through(&mut self, offset: u64) -> usize {
+        let n = self.entries.partition_point(|e| e.offset <= offset);
+        self.drop_front(n)
+    }
+
+    fn drop_front(&mut self, n: usize) -> usize {
         if let Some(newest_dropped) = n.checked_sub(1).and_then(|i| self.entries.get(i)) {
             self.evicted_through = newest_dropped.offset;
         }
-        self.entries.drain(..n);
+        for entry in self.entries.drain(..n) {
+            self.bytes -= entry.cost;
+        }
         n
     }
 
@@ -280,8 +329,9 @@ impl History {
         self.since(version.offset)
     }
 
-    /// A page of at most `limit` entries after `since`, for the polling endpoint.
-    pub fn page(&self, since: u64, limit: usize) -> Page<'_> {
+    /// A page of at most `limit` entries after `since`, for the polling endpoint, whose
+    /// data adds up to at most `max_bytes` (but at least one entry, whatever its size).
+    pub fn page(&self, since: u64, limit: usize, max_bytes: usize) -> Page<'_> {
         let (all, truncated) = match self.since(since) {
             Since::Replay(entries) => (entries, None),
             Since::Truncated {
@@ -297,9 +347,18 @@ impl History {
                 };
             }
         };
-        let more = all.len() > limit;
+        let mut take = 0;
+        let mut bytes = 0usize;
+        for entry in all.clone().take(limit) {
+            bytes += entry.data.len();
+            if take > 0 && bytes > max_bytes {
+                break;
+            }
+            take += 1;
+        }
+        let more = all.len() > take;
         let skip = self.entries.len() - all.len();
-        let entries = self.entries.range(skip..skip + all.len().min(limit));
+        let entries = self.entries.range(skip..skip + take);
         let next_since = entries.clone().next_back().map_or(
             // Nothing returned: either up to date (since == last), or truncated with nothing
             // held, where continuing from `last` avoids reporting the same loss forever.
@@ -350,6 +409,7 @@ mod tests {
             HistoryLimits {
                 max_len: 100,
                 max_age: LONG,
+                max_bytes: usize::MAX,
             },
             60,
             t0,
@@ -372,6 +432,7 @@ mod tests {
             HistoryLimits {
                 max_len: 10,
                 max_age: LONG,
+                max_bytes: usize::MAX,
             },
             60,
             t0,
@@ -408,6 +469,7 @@ mod tests {
         let none = HistoryLimits {
             max_len: 0,
             max_age: LONG,
+            max_bytes: usize::MAX,
         };
         let t0 = Instant::now();
         let h = filled(none, 5, t0);
@@ -454,6 +516,7 @@ mod tests {
         let one = HistoryLimits {
             max_len: 1,
             max_age: LONG,
+            max_bytes: usize::MAX,
         };
         let mut h = History::new(Epoch::from_u64(1), one);
         h.push(entry(1, t0), t0).unwrap();
@@ -470,6 +533,7 @@ mod tests {
         let limits = HistoryLimits {
             max_len: 100,
             max_age: Duration::from_secs(10),
+            max_bytes: usize::MAX,
         };
         let mut h = History::new(Epoch::from_u64(1), limits);
         for o in 1..=20u64 {
@@ -500,28 +564,29 @@ mod tests {
             HistoryLimits {
                 max_len: 10,
                 max_age: LONG,
+                max_bytes: usize::MAX,
             },
             30,
             t0,
         );
-        let p = h.page(22, 3);
+        let p = h.page(22, 3, usize::MAX);
         assert_eq!(offsets(p.entries), vec![23, 24, 25]);
         assert_eq!((p.truncated, p.next_since, p.more), (None, 25, true));
-        let p = h.page(27, 3);
+        let p = h.page(27, 3, usize::MAX);
         assert_eq!(offsets(p.entries), vec![28, 29, 30]);
         assert_eq!((p.truncated, p.next_since, p.more), (None, 30, false));
-        let p = h.page(30, 3);
+        let p = h.page(30, 3, usize::MAX);
         assert_eq!(p.entries.len(), 0);
         assert_eq!((p.truncated, p.next_since, p.more), (None, 30, false));
-        let p = h.page(5, 4);
+        let p = h.page(5, 4, usize::MAX);
         assert_eq!(offsets(p.entries), vec![21, 22, 23, 24]);
         assert_eq!((p.truncated, p.next_since, p.more), (Some(21), 24, true));
-        let p = h.page(99, 4);
+        let p = h.page(99, 4, usize::MAX);
         assert_eq!(
             (p.truncated, p.next_since, p.entries.len()),
             (Some(31), 30, 0)
         );
-        assert_eq!(h.page(0, 0).next_since, 30);
+        assert_eq!(h.page(0, 0, usize::MAX).next_since, 30);
     }
 
     #[test]
@@ -544,7 +609,7 @@ mod tests {
             query in 0u64..300,
         ) {
             let t0 = Instant::now();
-            let limits = HistoryLimits { max_len, max_age: Duration::from_secs(max_age) };
+            let limits = HistoryLimits { max_len, max_age: Duration::from_secs(max_age), max_bytes: usize::MAX };
             let mut h = History::new(Epoch::from_u64(1), limits);
             let mut published = Vec::new();
             let (mut offset, mut secs) = (0u64, 0u64);
@@ -579,5 +644,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bytes_bound_history_and_pages() {
+        let t0 = Instant::now();
+        let mut h = History::new(
+            Epoch::from_u64(7),
+            HistoryLimits {
+                max_len: 1000,
+                max_age: LONG,
+                max_bytes: 10_000,
+            },
+        );
+        let big = |o: u64| {
+            let frame = Bytes::from(vec![b'x'; 3000]);
+            let data = frame.slice(100..2900);
+            Entry::new(o, frame, data, t0)
+        };
+        for o in 1..=10 {
+            h.push(big(o), t0).unwrap();
+        }
+        // Each entry costs its frame (the data is a slice of it) plus the entry itself.
+        let cost = 3000 + std::mem::size_of::<Entry>();
+        assert_eq!(h.iter().next().unwrap().cost(), cost);
+        assert_eq!(h.len(), 10_000 / cost);
+        assert_eq!(h.bytes(), h.len() * cost);
+        assert!(
+            !h.since(0).is_exact(),
+            "evicted by bytes, reported as truncated"
+        );
+        let held = h.len();
+        assert_eq!(h.evict_through(8), held - 2);
+        assert_eq!(h.first_available(), 9);
+        assert_eq!(h.bytes(), 2 * cost);
+
+        // A page stops at max_bytes of data, but always returns one entry.
+        let mut h = filled(
+            HistoryLimits {
+                max_len: 100,
+                max_age: LONG,
+                max_bytes: usize::MAX,
+            },
+            0,
+            t0,
+        );
+        for o in 1..=5 {
+            h.push(big(o), t0).unwrap();
+        }
+        let p = h.page(0, 100, 6000);
+        assert_eq!(offsets(p.entries), vec![1, 2]);
+        assert!(p.more);
+        assert_eq!(p.next_since, 2);
+        let p = h.page(2, 100, 10);
+        assert_eq!(offsets(p.entries), vec![3]);
+        assert!(p.more);
     }
 }

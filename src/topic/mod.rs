@@ -9,5 +9,5 @@ pub mod version;
 pub use filter::{EventFields, Filter, FilterError};
 pub use history::{Entry, History, HistoryLimits, Page, Since};
 pub use name::{MAX_SEGMENTS, MAX_TOPIC_LEN, NameError, Pattern, Segment, validate_topic};
-pub use state::{Change, PatchError, StateDoc};
+pub use state::{Change, PatchError, StateDoc, StateError, StateLimits};
 pub use version::{Epoch, Version, VersionError};

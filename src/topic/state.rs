@@ -10,6 +10,9 @@ use json_patch::{PatchErrorKind, PatchOperation};
 use serde_json::Value;
 
 use super::version::{Epoch, Version};
+use crate::proto::json::{self, JsonLimitError};
+use crate::proto::message::now_ms;
+use crate::proto::versioned::encode_snapshot;
 
 /// One change of a state document, ready to encode and fan out.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +89,90 @@ pub struct PreconditionFailed {
     pub current: Version,
 }
 
+/// The bounds every state write is checked against; reaching one refuses the write and
+/// leaves the document as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateLimits {
+    /// Deepest nesting of arrays and objects (`max_json_depth`).
+    pub max_depth: usize,
+    /// Largest document, in bytes of its JSON (`max_state_bytes`).
+    pub max_bytes: usize,
+    /// Most operations in one patch (`max_patch_ops`).
+    pub max_ops: usize,
+    /// Most [`StateDoc::footprint`] the document may have after the write: what the shared
+    /// `state_memory_budget` leaves it.
+    pub room: usize,
+}
+
+impl StateLimits {
+    /// Most estimated in-memory bytes a document may reach while a patch is applied: a JSON
+    /// array of small numbers takes about 16 times its text in memory, so this is generous
+    /// for real documents and still stops a patch that copies the root into itself over
+    /// and over long before it doubles its way to gigabytes.
+    pub fn max_footprint(&self) -> usize {
+        self.max_bytes.saturating_mul(FOOTPRINT_PER_JSON_BYTE)
+    }
+}
+
+impl Default for StateLimits {
+    fn default() -> StateLimits {
+        StateLimits {
+            max_depth: 64,
+            max_bytes: 1024 * 1024,
+            max_ops: 1000,
+            room: usize::MAX,
+        }
+    }
+}
+
+/// See [`StateLimits::max_footprint`].
+const FOOTPRINT_PER_JSON_BYTE: usize = 24;
+
+/// Why a state write was refused; the document is unchanged and nothing is published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// The patch does not apply.
+    #[error(transparent)]
+    Patch(#[from] PatchError),
+    /// The result (or a step of the patch) would pass a bound.
+    #[error("the state document would be {0}")]
+    Limit(#[from] JsonLimitError),
+    /// The patch has more operations than `max_patch_ops`.
+    #[error("the patch has more than {limit} operations")]
+    TooManyOps {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The result does not fit in what the state memory budget has left.
+    #[error("the state memory budget has no room for the result")]
+    BudgetExhausted,
+}
+
+impl StateError {
+    /// The stable error code sent to the client.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StateError::Patch(p) => p.code(),
+            StateError::Limit(JsonLimitError::TooDeep { .. }) => "json_too_deep",
+            StateError::Limit(JsonLimitError::TooLarge { .. }) => "state_too_large",
+            StateError::TooManyOps { .. } => "too_many_patch_ops",
+            StateError::BudgetExhausted => "state_budget_exhausted",
+        }
+    }
+
+    /// The HTTP status the state endpoints answer with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            StateError::Patch(p) => p.http_status(),
+            StateError::Limit(JsonLimitError::TooDeep { .. }) => 422,
+            StateError::Limit(JsonLimitError::TooLarge { .. }) | StateError::TooManyOps { .. } => {
+                413
+            }
+            StateError::BudgetExhausted => 507,
+        }
+    }
+}
+
 /// A topic's JSON document and the version it is at.
 #[derive(Debug)]
 pub struct StateDoc {
@@ -94,6 +181,13 @@ pub struct StateDoc {
     /// The document serialized, made on first demand after each change and shared by every
     /// snapshot and `GET` until the next change.
     json: Option<Bytes>,
+    /// The `snapshot` frame of this version, encoded once and shared by every subscriber
+    /// that needs one (a new subscriber, or one whose backlog was dropped).
+    snapshot: Option<Bytes>,
+    /// Nesting depth of `doc`.
+    depth: usize,
+    /// Estimated memory of `doc` and its serialized copies (see [`StateDoc::footprint`]).
+    footprint: usize,
 }
 
 impl StateDoc {
@@ -104,10 +198,15 @@ impl StateDoc {
 
     /// A document known to be at `version` (restored from shared storage).
     pub fn restore(version: Version, doc: Value) -> StateDoc {
+        let shape = json::measure(&doc, usize::MAX, usize::MAX).unwrap_or_default();
+        let json_len = serde_json::to_vec(&doc).map_or(0, |j| j.len());
         StateDoc {
             doc,
             version,
             json: None,
+            snapshot: None,
+            depth: shape.depth,
+            footprint: footprint(shape.footprint, json_len),
         }
     }
 
@@ -121,6 +220,13 @@ impl StateDoc {
         self.version
     }
 
+    /// Estimated bytes this document holds: its parsed tree, its serialized JSON and its
+    /// snapshot frame (counted whether or not they are made yet, since any reader makes
+    /// them). State budgets are counted in this.
+    pub fn footprint(&self) -> usize {
+        self.footprint
+    }
+
     /// The current document as JSON, serialized at most once per version.
     pub fn json(&mut self) -> Bytes {
         self.json
@@ -129,6 +235,18 @@ impl StateDoc {
                 Bytes::from(serde_json::to_vec(&self.doc).unwrap_or_default())
             })
             .clone()
+    }
+
+    /// The `snapshot` frame of the current version for topic `name`, encoded at most once
+    /// per version: every subscriber that needs it shares one copy.
+    pub fn snapshot(&mut self, name: &str) -> Bytes {
+        if let Some(frame) = &self.snapshot {
+            return frame.clone();
+        }
+        let json = self.json();
+        let frame = encode_snapshot(name, self.version.to_buf().as_str(), &json, now_ms());
+        self.snapshot = Some(frame.clone());
+        frame
     }
 
     /// Checks an `If-Match` header (when the request has one) against the current version.
@@ -141,47 +259,110 @@ impl StateDoc {
         }
     }
 
-    /// Replaces the document. `None` when `new` equals the current document: nothing
-    /// changes, the version stays, and nothing is to be published.
-    pub fn replace(&mut self, new: Value) -> Option<Change> {
+    /// Replaces the document, if `new` is within `limits`. `Ok(None)` when `new` equals the
+    /// current document: nothing changes, the version stays, nothing is to be published.
+    pub fn replace(
+        &mut self,
+        new: Value,
+        limits: &StateLimits,
+    ) -> Result<Option<Change>, StateError> {
+        let shape = json::measure(&new, limits.max_depth, limits.max_footprint())?;
         if new == self.doc {
-            return None;
+            return Ok(None);
         }
-        Some(self.commit(new))
+        // Measured first, so serializing (which recurses) only sees bounded depth.
+        let json = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
+        if json.len() > limits.max_bytes {
+            return Err(JsonLimitError::TooLarge {
+                limit: limits.max_bytes,
+            }
+            .into());
+        }
+        if footprint(shape.footprint, json.len()) > limits.room {
+            return Err(StateError::BudgetExhausted);
+        }
+        Ok(Some(self.commit(new, json, shape)))
     }
 
     /// Applies RFC 6902 `ops` atomically: all of them, or none (the document is unchanged on
     /// error). `Ok(None)` when the patch leaves the document equal (a lone `test`, or a
     /// `replace` with the same value).
-    pub fn patch(&mut self, ops: &[PatchOperation]) -> Result<Option<Change>, PatchError> {
+    ///
+    /// Every step is bounded, not just the result: before an operation that adds a value
+    /// (`add`, `replace`, `copy`, `move`), the value is measured, and the patch is refused
+    /// once the document could pass `max_depth` or its estimated memory could pass
+    /// [`StateLimits::max_footprint`]. A patch of 1,000 `copy` operations of the root into
+    /// itself therefore stops after a few doublings instead of building gigabytes.
+    pub fn patch(
+        &mut self,
+        ops: &[PatchOperation],
+        limits: &StateLimits,
+    ) -> Result<Option<Change>, StateError> {
+        if ops.len() > limits.max_ops {
+            return Err(StateError::TooManyOps {
+                limit: limits.max_ops,
+            });
+        }
         // The old document is needed for the diff anyway, so the patch runs on a copy: an
         // error simply drops the copy, with no undo log to trust.
         let mut new = self.doc.clone();
-        json_patch::patch_unsafe(&mut new, ops).map_err(|e| {
-            let path = e.path.to_string();
-            match e.kind {
-                PatchErrorKind::TestFailed => PatchError::TestFailed {
-                    index: e.operation,
-                    path,
-                },
-                kind => PatchError::Unprocessable {
-                    index: e.operation,
-                    path,
-                    reason: kind.to_string(),
-                },
+        let mut footprint = self.footprint;
+        for (index, op) in ops.iter().enumerate() {
+            let (path, added) = match op {
+                PatchOperation::Add(op) => (&op.path, Some(Added::Value(&op.value))),
+                PatchOperation::Replace(op) => (&op.path, Some(Added::Value(&op.value))),
+                PatchOperation::Copy(op) => (&op.path, Some(Added::From(&op.from))),
+                PatchOperation::Move(op) => (&op.path, Some(Added::From(&op.from))),
+                PatchOperation::Remove(op) => (&op.path, None),
+                PatchOperation::Test(op) => (&op.path, None),
+            };
+            if let Some(added) = added {
+                let value = match added {
+                    Added::Value(v) => Some(v),
+                    Added::From(from) => new.pointer(from.as_str()),
+                };
+                // A missing source is reported by the patch library below.
+                if let Some(value) = value {
+                    let room = limits.max_footprint().saturating_sub(footprint);
+                    let levels = path.count();
+                    let shape = json::measure(value, limits.max_depth.saturating_sub(levels), room)
+                        .map_err(|e| match e {
+                            JsonLimitError::TooDeep { .. } => JsonLimitError::TooDeep {
+                                limit: limits.max_depth,
+                            },
+                            JsonLimitError::TooLarge { .. } => JsonLimitError::TooLarge {
+                                limit: limits.max_bytes,
+                            },
+                        })?;
+                    footprint += shape.footprint;
+                }
             }
-        })?;
-        Ok(self.replace(new))
+            json_patch::patch_unsafe(&mut new, std::slice::from_ref(op)).map_err(|e| {
+                let path = e.path.to_string();
+                match e.kind {
+                    PatchErrorKind::TestFailed => PatchError::TestFailed { index, path },
+                    kind => PatchError::Unprocessable {
+                        index,
+                        path,
+                        reason: kind.to_string(),
+                    },
+                }
+            })?;
+        }
+        self.replace(new, limits)
     }
 
-    fn commit(&mut self, new: Value) -> Change {
+    fn commit(&mut self, new: Value, json: Bytes, shape: json::Shape) -> Change {
         let diff = json_patch::diff(&self.doc, &new);
         // Serializing a patch of plain JSON values cannot fail.
         let diff = Bytes::from(serde_json::to_vec(&diff).unwrap_or_default());
         let old = self.version;
         self.version = Version::new(old.epoch, old.offset + 1);
+        self.footprint = footprint(shape.footprint, json.len());
+        self.depth = shape.depth;
         self.doc = new;
-        self.json = None;
+        self.json = Some(json);
+        self.snapshot = None;
         Change {
             old,
             new: self.version,
@@ -190,14 +371,35 @@ impl StateDoc {
     }
 }
 
+/// What an operation adds to the document.
+enum Added<'a> {
+    /// A value given in the patch.
+    Value(&'a Value),
+    /// A copy of (or the moved) value at this pointer in the document.
+    From(&'a json_patch::jsonptr::PointerBuf),
+}
+
+/// A document's footprint: its tree plus the serialized JSON and the snapshot frame made
+/// from it (each about `json_len` bytes).
+fn footprint(tree: usize, json_len: usize) -> usize {
+    tree + 2 * json_len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
+    const L: StateLimits = StateLimits {
+        max_depth: 64,
+        max_bytes: 1 << 20,
+        max_ops: 100,
+        room: usize::MAX,
+    };
+
     fn doc(v: Value) -> StateDoc {
         let mut d = StateDoc::new(Epoch::from_u64(5));
-        d.replace(v);
+        d.replace(v, &L).unwrap();
         d
     }
 
@@ -215,10 +417,16 @@ mod tests {
     fn replace_diffs_once_and_bumps_the_version() {
         let mut d = StateDoc::new(Epoch::from_u64(5));
         assert_eq!(d.doc(), &Value::Null);
-        let c = d.replace(json!({"a": 1, "b": [1, 2]})).unwrap();
+        let c = d
+            .replace(json!({"a": 1, "b": [1, 2]}), &L)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.old, Version::new(Epoch::from_u64(5), 0));
         assert_eq!(c.new, Version::new(Epoch::from_u64(5), 1));
-        let c = d.replace(json!({"a": 2, "b": [1, 2]})).unwrap();
+        let c = d
+            .replace(json!({"a": 2, "b": [1, 2]}), &L)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             std::str::from_utf8(&c.diff).unwrap(),
             r#"[{"op":"replace","path":"/a","value":2}]"#
@@ -231,7 +439,7 @@ mod tests {
     fn a_replace_that_changes_nothing_publishes_nothing() {
         let mut d = doc(json!({"a": 1}));
         let v = d.version();
-        assert_eq!(d.replace(json!({"a": 1})), None);
+        assert_eq!(d.replace(json!({"a": 1}), &L), Ok(None));
         assert_eq!(d.version(), v);
     }
 
@@ -239,11 +447,14 @@ mod tests {
     fn patch_applies_atomically() {
         let mut d = doc(json!({"a": 1, "list": [1, 2, 3]}));
         let c = d
-            .patch(&ops(json!([
-                {"op": "test", "path": "/a", "value": 1},
-                {"op": "add", "path": "/list/-", "value": 4},
-                {"op": "remove", "path": "/a"},
-            ])))
+            .patch(
+                &ops(json!([
+                    {"op": "test", "path": "/a", "value": 1},
+                    {"op": "add", "path": "/list/-", "value": 4},
+                    {"op": "remove", "path": "/a"},
+                ])),
+                &L,
+            )
             .unwrap()
             .unwrap();
         assert_eq!(d.doc(), &json!({"list": [1, 2, 3, 4]}));
@@ -256,17 +467,20 @@ mod tests {
         let v = d.version();
         // The first operation applies, the second fails: neither may remain.
         let err = d
-            .patch(&ops(json!([
-                {"op": "add", "path": "/x", "value": 1},
-                {"op": "test", "path": "/list/0", "value": 9},
-            ])))
+            .patch(
+                &ops(json!([
+                    {"op": "add", "path": "/x", "value": 1},
+                    {"op": "test", "path": "/list/0", "value": 9},
+                ])),
+                &L,
+            )
             .unwrap_err();
         assert_eq!(
             err,
-            PatchError::TestFailed {
+            StateError::Patch(PatchError::TestFailed {
                 index: 1,
                 path: "/list/0".into()
-            }
+            })
         );
         assert_eq!((err.code(), err.http_status()), ("patch_test_failed", 409));
         assert_eq!((d.doc(), d.version()), (&before, v));
@@ -277,9 +491,9 @@ mod tests {
             json!([{"op": "move", "from": "/list", "path": "/list/0"}]),
             json!([{"op": "test", "path": "/missing", "value": 1}]),
         ] {
-            let err = d.patch(&ops(bad.clone())).unwrap_err();
+            let err = d.patch(&ops(bad.clone()), &L).unwrap_err();
             assert!(
-                matches!(err, PatchError::Unprocessable { .. }),
+                matches!(err, StateError::Patch(PatchError::Unprocessable { .. })),
                 "{bad}: {err:?}"
             );
             assert_eq!(err.http_status(), 422);
@@ -295,9 +509,70 @@ mod tests {
             {"op": "test", "path": "/a", "value": 1},
             {"op": "replace", "path": "/a", "value": 1},
         ]));
-        assert_eq!(d.patch(&same), Ok(None));
-        assert_eq!(d.patch(&[]), Ok(None));
+        assert_eq!(d.patch(&same, &L), Ok(None));
+        assert_eq!(d.patch(&[], &L), Ok(None));
         assert_eq!(d.version(), v);
+    }
+
+    #[test]
+    fn every_step_of_a_patch_is_bounded() {
+        let limits = StateLimits {
+            max_depth: 8,
+            max_bytes: 4096,
+            max_ops: 50,
+            room: usize::MAX,
+        };
+        let mut d = StateDoc::new(Epoch::from_u64(3));
+        d.replace(json!({"a": {"b": 1}}), &limits).unwrap();
+        // Deeper one small patch at a time: refused at the limit, however it is reached.
+        let mut refused = None;
+        for i in 0..20 {
+            let path = format!("/a{}", "/n".repeat(i));
+            let r = d.patch(
+                &ops(json!([{"op": "add", "path": format!("{path}/n"), "value": {}}])),
+                &limits,
+            );
+            if let Err(e) = r {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (at, err) = refused.expect("the depth limit is reached");
+        assert!(at <= 8, "refused only at step {at}");
+        assert_eq!(err, StateError::Limit(JsonLimitError::TooDeep { limit: 8 }));
+        assert_eq!((err.code(), err.http_status()), ("json_too_deep", 422));
+        assert!(json::measure(d.doc(), 8, usize::MAX).is_ok());
+
+        // Copying the root into itself doubles the document each time: stopped early.
+        let mut d = StateDoc::new(Epoch::from_u64(3));
+        d.replace(json!({"x": "0123456789"}), &limits).unwrap();
+        let doubling: Vec<_> = (0..50)
+            .map(|i| json!({"op": "copy", "from": "", "path": format!("/c{i}")}))
+            .collect();
+        let err = d.patch(&ops(Value::Array(doubling)), &limits).unwrap_err();
+        assert!(matches!(err, StateError::Limit(_)), "{err:?}");
+        assert_eq!(d.doc(), &json!({"x": "0123456789"}));
+
+        // Too many operations, and a result over max_bytes.
+        let many: Vec<_> = (0..51)
+            .map(|_| json!({"op": "test", "path": "", "value": null}))
+            .collect();
+        assert_eq!(
+            d.patch(&ops(Value::Array(many)), &limits),
+            Err(StateError::TooManyOps { limit: 50 })
+        );
+        let big = "x".repeat(5000);
+        let err = d.replace(json!({ "big": big }), &limits).unwrap_err();
+        assert_eq!((err.code(), err.http_status()), ("state_too_large", 413));
+    }
+
+    #[test]
+    fn snapshot_is_encoded_once_per_version() {
+        let mut d = doc(json!({"a": 1}));
+        let s1 = d.snapshot("t:1");
+        assert_eq!(d.snapshot("t:1").as_ptr(), s1.as_ptr());
+        d.replace(json!({"a": 2}), &L).unwrap();
+        assert_ne!(d.snapshot("t:1"), s1);
     }
 
     #[test]
@@ -319,7 +594,7 @@ mod tests {
         // diff a client applies would not give the document the publisher sent.
         let new = json!({"x": 918.7421825381547});
         let mut d = StateDoc::new(Epoch::from_u64(1));
-        let c = d.replace(new.clone()).unwrap();
+        let c = d.replace(new.clone(), &L).unwrap().unwrap();
         assert_eq!(apply(&Value::Null, &c.diff), new);
     }
 
@@ -329,7 +604,7 @@ mod tests {
         let first = d.json();
         assert_eq!(&first[..], br#"{"a":1}"#);
         assert_eq!(d.json().as_ptr(), first.as_ptr());
-        d.replace(json!({"a": 2}));
+        d.replace(json!({"a": 2}), &L).unwrap();
         assert_eq!(&d.json()[..], br#"{"a":2}"#);
     }
 
@@ -378,7 +653,7 @@ mod tests {
         #[test]
         fn diff_applied_to_old_gives_new(old in json_value(), new in json_value()) {
             let mut d = StateDoc::restore(Version::new(Epoch::from_u64(1), 9), old.clone());
-            match d.replace(new.clone()) {
+            match d.replace(new.clone(), &L).unwrap() {
                 None => proptest::prop_assert_eq!(&old, &new),
                 Some(c) => {
                     proptest::prop_assert_ne!(&old, &new);
@@ -399,7 +674,7 @@ mod tests {
                 value: junk,
             }));
             let mut expected = old.clone();
-            match (json_patch::patch(&mut expected, &ops), d.patch(&ops)) {
+            match (json_patch::patch(&mut expected, &ops), d.patch(&ops, &L)) {
                 (Ok(()), Ok(_)) => proptest::prop_assert_eq!(d.doc(), &expected),
                 (Err(_), Err(_)) => {
                     proptest::prop_assert_eq!(d.doc(), &old);

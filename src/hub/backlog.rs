@@ -1,0 +1,188 @@
+//! Publisher back-pressure: the bounded queues between publishers and the shards.
+//!
+//! A publication takes a [`Ticket`] before it is sequenced: room for its bytes in the
+//! gateway-wide `publish_queue_bytes`, and one of its topic's `topic_queue_len` places. The
+//! ticket travels with the publication to every shard and is given back when the last shard
+//! has written it out, so what the queues hold is bounded in bytes (frames are shared, so
+//! the bytes are counted once however many shards hold them) and a flooded topic is refused
+//! long before it can crowd out the others. A publisher that finds no room waits up to
+//! `publish_wait` and is then refused with `overloaded`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::topics::Topic;
+
+/// Bytes a publication's jobs cost beyond its frame, per shard: the job, the entry in the
+/// shard's queue, and the publication's fields.
+pub const JOB_OVERHEAD: usize = 128;
+
+/// The gateway-wide queue bound and the publishers waiting on it.
+#[derive(Debug)]
+pub struct Backlog {
+    bytes: AtomicUsize,
+    limit: usize,
+    topic_limit: usize,
+    /// Publishers waiting for room; releases notify only while there are some.
+    waiters: AtomicUsize,
+    freed: tokio::sync::Notify,
+    lock: Mutex<()>,
+    freed_sync: Condvar,
+}
+
+/// A publication's place in the queues; dropping it gives the place back.
+#[derive(Debug)]
+pub struct Ticket {
+    backlog: Arc<Backlog>,
+    topic: Arc<Topic>,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    /// Queues of at most `limit` bytes in all and `topic_limit` publications per topic.
+    pub fn new(limit: usize, topic_limit: usize) -> Arc<Backlog> {
+        Arc::new(Backlog {
+            bytes: AtomicUsize::new(0),
+            limit,
+            topic_limit,
+            waiters: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
+            lock: Mutex::new(()),
+            freed_sync: Condvar::new(),
+        })
+    }
+
+    /// Bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A ticket for `bytes` on `topic` if both queues have room now. An empty gateway queue
+    /// takes any one publication, however large, so nothing is refused for ever.
+    pub fn try_admit(self: &Arc<Self>, topic: &Arc<Topic>, bytes: usize) -> Option<Ticket> {
+        let limit = self.topic_limit;
+        topic
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        let taken = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b == 0 || b.saturating_add(bytes) <= self.limit).then_some(b + bytes)
+            });
+        if taken.is_err() {
+            topic.queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(self.ticket(topic, bytes))
+    }
+
+    /// A ticket whatever the queues hold: for a topic's close, which is sent once and must
+    /// never be refused.
+    pub fn admit_always(self: &Arc<Self>, topic: &Arc<Topic>, bytes: usize) -> Ticket {
+        topic.queued.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.ticket(topic, bytes)
+    }
+
+    fn ticket(self: &Arc<Self>, topic: &Arc<Topic>, bytes: usize) -> Ticket {
+        Ticket {
+            backlog: self.clone(),
+            topic: topic.clone(),
+            bytes: AtomicUsize::new(bytes),
+        }
+    }
+
+    /// Waits up to `wait` for a ticket, blocking the calling thread.
+    pub fn admit_blocking(
+        self: &Arc<Self>,
+        topic: &Arc<Topic>,
+        bytes: usize,
+        wait: Duration,
+    ) -> Option<Ticket> {
+        if let Some(ticket) = self.try_admit(topic, bytes) {
+            return Some(ticket);
+        }
+        let deadline = Instant::now() + wait;
+        let mut guard = self.lock.lock();
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let ticket = loop {
+            // Checked under the lock a release notifies under, so no wake-up is lost.
+            if let Some(ticket) = self.try_admit(topic, bytes) {
+                break Some(ticket);
+            }
+            if self.freed_sync.wait_until(&mut guard, deadline).timed_out() {
+                break self.try_admit(topic, bytes);
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+        ticket
+    }
+
+    /// Waits up to `wait` for a ticket without blocking the thread.
+    pub async fn admit(
+        self: &Arc<Self>,
+        topic: &Arc<Topic>,
+        bytes: usize,
+        wait: Duration,
+    ) -> Option<Ticket> {
+        if let Some(ticket) = self.try_admit(topic, bytes) {
+            return Some(ticket);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let ticket = loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(ticket) = self.try_admit(topic, bytes) {
+                break Some(ticket);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                break self.try_admit(topic, bytes);
+            }
+        };
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+        ticket
+    }
+
+    fn notify(&self) {
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.freed.notify_waiters();
+            let _guard = self.lock.lock();
+            self.freed_sync.notify_all();
+        }
+    }
+}
+
+impl Ticket {
+    /// Corrects the bytes held once the frame is encoded (a state change's diff is only
+    /// known then). Never waits: the publication is already sequenced.
+    pub fn settle(&self, bytes: usize) {
+        let before = self.bytes.swap(bytes, Ordering::AcqRel);
+        if bytes >= before {
+            self.backlog
+                .bytes
+                .fetch_add(bytes - before, Ordering::AcqRel);
+        } else {
+            self.backlog
+                .bytes
+                .fetch_sub(before - bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.backlog
+            .bytes
+            .fetch_sub(self.bytes.load(Ordering::Acquire), Ordering::AcqRel);
+        self.topic.queued.fetch_sub(1, Ordering::AcqRel);
+        self.backlog.notify();
+    }
+}
