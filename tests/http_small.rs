@@ -454,3 +454,112 @@ async fn if_none_match_on_a_poll_answers_304_until_the_page_changes() {
     assert_eq!(news.status, 200, "{news:?}");
     assert_eq!(news.json()["events"][0]["data"], json!({"n": 4}));
 }
+
+/// The `tidings` binary with no `TIDINGS_*` variable from the test's environment.
+fn tidings_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TIDINGS_") {
+            command.env_remove(name);
+        }
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+#[tokio::test]
+async fn serve_help_lists_every_key_and_where_they_are_documented() {
+    let output = within(
+        "tidings serve --help",
+        tidings_command().args(["serve", "--help"]).output(),
+    )
+    .await
+    .expect("run tidings");
+    assert!(output.status.success(), "{output:?}");
+    let help = String::from_utf8(output.stdout).expect("UTF-8 help");
+    let defaults = toml::Table::try_from(tidings::Config::default()).expect("defaults as TOML");
+    assert!(defaults.len() > 30, "{defaults:?}");
+    for key in defaults.keys() {
+        assert!(
+            help.contains(&format!("  {key} = ")),
+            "--help does not list {key}:\n{help}"
+        );
+    }
+    assert!(help.contains("TIDINGS_<KEY>"), "{help}");
+    assert!(help.contains("docs/OPERATIONS.md"), "{help}");
+    for args in [&["--help"][..], &["serve", "--help"]] {
+        let output = within("tidings --help", tidings_command().args(args).output())
+            .await
+            .expect("run tidings");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(!help.contains("SSE"), "{args:?} promises SSE:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn serve_listens_on_a_host_name() {
+    let mut child = tidings_command()
+        .args(["serve", "--listen", "localhost:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn tidings");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = within("the listening line", lines.next_line())
+        .await
+        .expect("read stdout")
+        .expect("tidings exited before listening");
+    let addr = line
+        .strip_prefix("tidings listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+    assert_eq!(addr.ip(), std::net::Ipv4Addr::LOCALHOST);
+    let health = http_get(addr, "/healthz").await;
+    assert_eq!(health.status, 200, "{health:?}");
+    child.start_kill().expect("stop tidings");
+    within("tidings to exit", child.wait()).await.expect("wait");
+}
+
+#[tokio::test]
+async fn a_config_error_names_its_variable_and_exits_2() {
+    for (name, value, expected) in [
+        (
+            "TIDINGS_PING_INTERVAL",
+            "abc",
+            r#"TIDINGS_PING_INTERVAL=abc: invalid duration"#,
+        ),
+        (
+            "TIDINGS_LISTEN",
+            "nowhere.invalid:1",
+            "TIDINGS_LISTEN=nowhere.invalid:1: cannot resolve",
+        ),
+    ] {
+        let output = within(
+            "tidings with a bad variable",
+            tidings_command().arg("serve").env(name, value).output(),
+        )
+        .await
+        .expect("run tidings");
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.starts_with(&format!("tidings: {expected}")),
+            "{stderr}"
+        );
+    }
+    let output = within(
+        "tidings with a bad flag",
+        tidings_command()
+            .args(["serve", "--listen", "localhost"])
+            .output(),
+    )
+    .await
+    .expect("run tidings");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("tidings: --listen localhost: "),
+        "{stderr}"
+    );
+}
