@@ -4,8 +4,8 @@
 //! variables, command-line flags. Every key of the file is also an environment variable:
 //! `max_queued_bytes` is `TIDINGS_MAX_QUEUED_BYTES`.
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on. Default `127.0.0.1:8080`: loopback until an operator opens it.
+    /// The file, `TIDINGS_LISTEN` and `--listen` may name a host (`localhost:8080`), which
+    /// [`Config::load`] resolves.
+    #[serde(deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
     /// Most WebSocket connections at once; an upgrade beyond it gets 503 with `Retry-After`.
     /// Each idle connection costs well under 1 KiB of gateway memory plus the kernel's
@@ -286,7 +289,44 @@ setters! {
     forwarded_header: String,
 }
 
-/// A configuration that could not be loaded; the message names the file or key.
+/// Where a setting came from; configuration errors name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The TOML file (`--config` / `TIDINGS_CONFIG`).
+    File(PathBuf),
+    /// A `TIDINGS_*` environment variable, with its raw value.
+    Env {
+        /// The variable, e.g. `TIDINGS_PING_INTERVAL`.
+        name: String,
+        /// Its value as set.
+        value: String,
+    },
+    /// A command-line flag, with its value.
+    Flag {
+        /// The key it sets, e.g. `listen` for `--listen`.
+        key: String,
+        /// Its value as given.
+        value: String,
+    },
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::Env { name, value } => write!(f, "{name}={value}"),
+            ConfigSource::Flag { key, value } => {
+                write!(f, "--{}", key.replace('_', "-"))?;
+                if value != "true" {
+                    write!(f, " {value}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A configuration that could not be loaded; the message names the file, variable or flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -297,10 +337,51 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file, an environment variable or a flag has a bad key or value.
+    /// The file is not valid TOML.
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The line (from 1) the parser stopped at.
+        line: usize,
+        /// What the parser expected.
+        message: String,
+    },
+    /// A key that is no setting: a misspelling in the file, or a `TIDINGS_*` variable
+    /// (other than `TIDINGS_CONFIG` and `TIDINGS_LOG`) that names none.
+    #[error("{origin}: unknown key `{key}` (`tidings serve --help` lists them)")]
+    UnknownKey {
+        /// Where it was set.
+        origin: ConfigSource,
+        /// The key, lower case.
+        key: String,
+    },
+    /// A value of the wrong type or syntax; for a duration the message shows the syntax.
+    #[error("{}", describe_invalid(.origin, .key, .message))]
+    Invalid {
+        /// Where it was set.
+        origin: ConfigSource,
+        /// The key it was set for.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Values each valid on their own that do not make a configuration together.
     #[error("invalid configuration: {0}")]
-    Invalid(String),
+    Conflict(String),
 }
+
+/// `/etc/tidings.toml: ping_interval: ...`, `TIDINGS_PING_INTERVAL=abc: ...`,
+/// `--listen nowhere:1: ...`: a variable or flag already names its key.
+fn describe_invalid(origin: &ConfigSource, key: &str, message: &str) -> String {
+    match origin {
+        ConfigSource::File(_) => format!("{origin}: {key}: {message}"),
+        ConfigSource::Env { .. } | ConfigSource::Flag { .. } => format!("{origin}: {message}"),
+    }
+}
+
+/// What a duration error adds, so the fix is in the message.
+const DURATION_EXAMPLES: &str = r#"(examples: "500ms", "30s", "1m 30s")"#;
 
 /// Environment variables that are read elsewhere, not configuration keys.
 const NON_KEY_VARS: &[&str] = &["TIDINGS_CONFIG", "TIDINGS_LOG"];
@@ -308,48 +389,126 @@ const NON_KEY_VARS: &[&str] = &["TIDINGS_CONFIG", "TIDINGS_LOG"];
 impl Config {
     /// Builds the configuration from defaults, `file`, `TIDINGS_*` variables of `env`, then
     /// `overrides` (`key = value` pairs from flags), later layers winning.
+    ///
+    /// Each setting is checked on its own as it is read, so an error names the file,
+    /// variable or flag it came from. `listen` may name a host (`localhost:8080`), which is
+    /// resolved here.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &[(String, toml::Value)],
     ) -> Result<Config, ConfigError> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let mut settings: Vec<(ConfigSource, String, toml::Value)> = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
                     path: path.display().to_string(),
-                    source,
+                    line: e
+                        .span()
+                        .map_or(1, |span| text[..span.start].matches('\n').count() + 1),
+                    message: e.message().to_owned(),
                 })?;
-                text.parse::<toml::Table>().map_err(|e| {
-                    ConfigError::Invalid(format!("{}: {}", path.display(), e.message()))
-                })?
+            for (key, value) in table {
+                settings.push((ConfigSource::File(path.to_owned()), key, value));
             }
-            None => toml::Table::new(),
-        };
-        for (name, value) in env {
+        }
+        for (name, raw) in env {
             let Some(key) = name.strip_prefix("TIDINGS_") else {
                 continue;
             };
             if NON_KEY_VARS.contains(&name.as_str()) {
                 continue;
             }
-            table.insert(key.to_ascii_lowercase(), env_value(&value));
+            let key = key.to_ascii_lowercase();
+            let value = env_value(&raw);
+            settings.push((ConfigSource::Env { name, value: raw }, key, value));
         }
         for (key, value) in overrides {
-            table.insert(key.clone(), value.clone());
+            let shown = match value {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            settings.push((
+                ConfigSource::Flag {
+                    key: key.clone(),
+                    value: shown,
+                },
+                key.clone(),
+                value.clone(),
+            ));
         }
-        Config::deserialize(table.clone()).map_err(|e| {
-            // serde names an unknown key itself; for a bad value, find the key it belongs to.
-            let culprit = table.iter().find_map(|(key, value)| {
-                let mut alone = toml::Table::new();
-                alone.insert(key.clone(), value.clone());
-                Config::deserialize(alone).err().map(|_| key.clone())
-            });
-            ConfigError::Invalid(match culprit {
-                Some(key) if !e.message().contains(&key) => format!("{key}: {}", e.message()),
-                _ => e.message().to_owned(),
-            })
-        })
+
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Conflict(e.to_string()))?;
+        let mut table = toml::Table::new();
+        for (origin, key, value) in settings {
+            let Some(default) = defaults.get(&key) else {
+                return Err(ConfigError::UnknownKey { origin, key });
+            };
+            let mut alone = toml::Table::new();
+            alone.insert(key.clone(), value);
+            let checked = match Config::deserialize(alone) {
+                Ok(checked) => checked,
+                Err(e) => {
+                    let mut message = e.message().to_owned();
+                    if is_duration(default) {
+                        message = format!("invalid duration: {message} {DURATION_EXAMPLES}");
+                    }
+                    return Err(ConfigError::Invalid {
+                        origin,
+                        key,
+                        message,
+                    });
+                }
+            };
+            // Keep the value as checked (a resolved `listen`), so it is not resolved twice.
+            let normal = toml::Table::try_from(checked)
+                .ok()
+                .and_then(|mut t| t.remove(&key));
+            if let Some(normal) = normal {
+                table.insert(key, normal);
+            }
+        }
+        Config::deserialize(table).map_err(|e| ConfigError::Conflict(e.message().to_owned()))
     }
+}
+
+/// Whether a key's default (as TOML) is a duration: a string in humantime's syntax.
+fn is_duration(default: &toml::Value) -> bool {
+    default
+        .as_str()
+        .is_some_and(|s| humantime_serde::re::humantime::parse_duration(s).is_ok())
+}
+
+/// Deserializes `listen`: a socket address, or `host:port` resolved now (the first address,
+/// except that IPv4 loopback is preferred, so `localhost` means `127.0.0.1` even where it
+/// resolves to `::1` first). It stays a [`SocketAddr`] for embedders.
+fn deserialize_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    resolve_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// Resolves a `listen` value; the error says what was expected.
+pub(crate) fn resolve_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let expected = r#"expected host:port, e.g. "127.0.0.1:8080", "localhost:8080" or "[::]:8080""#;
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e} ({expected})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() && a.ip().is_loopback())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{text:?} resolves to no address ({expected})"))
 }
 
 /// An environment value as TOML when it parses as a TOML value (numbers, booleans, arrays),
@@ -412,5 +571,141 @@ mod tests {
             Config::load(None, Vec::new(), &[]).unwrap(),
             Config::default()
         );
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tidings-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    fn env(name: &str, value: &str) -> Vec<(String, String)> {
+        vec![(name.to_string(), value.to_string())]
+    }
+
+    #[test]
+    fn a_bad_env_duration_names_the_variable_and_shows_the_syntax() {
+        let e = Config::load(None, env("TIDINGS_PING_INTERVAL", "abc"), &[]).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("TIDINGS_PING_INTERVAL=abc: invalid duration"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(r#"(examples: "500ms", "30s", "1m 30s")"#),
+            "{text}"
+        );
+        assert!(matches!(e, ConfigError::Invalid { ref key, .. } if key == "ping_interval"));
+        // A value that is no duration at all, not just a bad one, gets the hint too.
+        let text = Config::load(None, env("TIDINGS_CLOSE_TIMEOUT", "5"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("TIDINGS_CLOSE_TIMEOUT=5: invalid duration"),
+            "{text}"
+        );
+        assert!(text.contains(r#""500ms""#), "{text}");
+    }
+
+    #[test]
+    fn a_bad_file_value_names_the_file_and_the_key() {
+        let file = temp_file(
+            "bad-value.toml",
+            "max_connections = 5\nping_interval = \"3 parsecs\"\n",
+        );
+        let text = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        let prefix = format!("{}: ping_interval: invalid duration", file.display());
+        assert!(text.starts_with(&prefix), "{text}");
+        assert!(text.contains(r#""1m 30s""#), "{text}");
+
+        let file = temp_file("bad-type.toml", "max_connections = \"lots\"\n");
+        let text = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        let prefix = format!("{}: max_connections: invalid type", file.display());
+        assert!(text.starts_with(&prefix), "{text}");
+        assert!(!text.contains("examples"), "not a duration: {text}");
+
+        let file = temp_file("unknown.toml", "max_conections = 5\n");
+        let e = Config::load(Some(&file), Vec::new(), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: unknown key `max_conections` (`tidings serve --help` lists them)",
+                file.display()
+            )
+        );
+
+        let file = temp_file("syntax.toml", "echo = true\nmax_connections = = 5\n");
+        let text = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with(&format!("{}:2: ", file.display())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_env_error_is_blamed_on_the_variable_not_the_file() {
+        // The file is fine; the variable that overrides one of its keys is not.
+        let file = temp_file("fine.toml", "max_subscriptions = 5\n");
+        let text = Config::load(Some(&file), env("TIDINGS_MAX_SUBSCRIPTIONS", "many"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("TIDINGS_MAX_SUBSCRIPTIONS=many: invalid type"),
+            "{text}"
+        );
+        let text = Config::load(None, env("TIDINGS_FOO", "1"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("TIDINGS_FOO=1: unknown key `foo`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_flag_names_the_flag() {
+        let flags = [(
+            "listen".to_string(),
+            toml::Value::from("nowhere.invalid:80"),
+        )];
+        let e = Config::load(None, Vec::new(), &flags).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("--listen nowhere.invalid:80: cannot resolve"),
+            "{text}"
+        );
+        assert!(matches!(e, ConfigError::Invalid { ref key, .. } if key == "listen"));
+        let flags = [("listen".to_string(), toml::Value::from("localhost"))];
+        let text = Config::load(None, Vec::new(), &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(text.starts_with("--listen localhost: "), "{text}");
+        assert!(text.contains("expected host:port"), "{text}");
+    }
+
+    #[test]
+    fn listen_accepts_host_names() {
+        let flags = [("listen".to_string(), toml::Value::from("localhost:8123"))];
+        let c = Config::load(None, Vec::new(), &flags).unwrap();
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 8123)));
+        let c = Config::load(None, env("TIDINGS_LISTEN", "localhost:0"), &[]).unwrap();
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        let file = temp_file("listen.toml", "listen = \"[::1]:9\"\n");
+        let c = Config::load(Some(&file), Vec::new(), &[]).unwrap();
+        assert_eq!(c.listen, "[::1]:9".parse().unwrap());
+        let file = temp_file("listen-bad.toml", "listen = \"nowhere.invalid:9\"\n");
+        let text = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        let prefix = format!("{}: listen: cannot resolve", file.display());
+        assert!(text.starts_with(&prefix), "{text}");
     }
 }

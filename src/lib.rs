@@ -41,7 +41,7 @@ pub mod topic;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, ConfigSource};
 pub use hub::{PublishError, Published};
 pub use metrics::{ClosedStats, Stats};
 pub use net::{LISTEN_BACKLOG, listen};

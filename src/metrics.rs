@@ -1,4 +1,8 @@
 //! Counters of the gateway, exposed as `GET /stats` (JSON) and `GET /metrics` (Prometheus).
+//!
+//! `/metrics` speaks both Prometheus formats: OpenMetrics 1.0.0 (what prometheus-client
+//! encodes, and what Prometheus asks for first) and the classic text format 0.0.4, which
+//! [`openmetrics_to_classic`] derives from it for scrapers that ask for nothing else.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -27,6 +31,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in the order `/stats` lists them.
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::Normal,
+        CloseReason::ProtocolError,
+        CloseReason::SlowConsumer,
+        CloseReason::Timeout,
+        CloseReason::RateLimited,
+        CloseReason::Shutdown,
+        CloseReason::IoError,
+    ];
+
     /// The name used in `/stats` and as the `reason` label in `/metrics`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -127,6 +142,11 @@ impl Default for Metrics {
             deliveries.clone(),
         );
         registry.register("topics", "Topics known to this node", topics.clone());
+        // Every reason is exposed from the start, at 0, so that `rate()` and `increase()`
+        // see the first close of a kind instead of a series appearing out of nowhere.
+        for reason in CloseReason::ALL {
+            drop(closed.get_or_create(&ReasonLabel { reason }));
+        }
         Metrics {
             registry,
             connections,
@@ -214,12 +234,227 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn prometheus_text(&self) -> String {
+    /// Every counter in the OpenMetrics 1.0.0 text format (ends with `# EOF`).
+    pub fn openmetrics_text(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Every counter in the classic Prometheus text format 0.0.4.
+    pub fn prometheus_text(&self) -> String {
+        openmetrics_to_classic(&self.openmetrics_text())
+    }
+
+    /// Every counter in `format`.
+    pub fn encode(&self, format: MetricsFormat) -> String {
+        match format {
+            MetricsFormat::OpenMetrics => self.openmetrics_text(),
+            MetricsFormat::Classic => self.prometheus_text(),
+        }
+    }
+}
+
+/// The two text formats `GET /metrics` can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsFormat {
+    /// OpenMetrics 1.0.0: counters' samples end in `_total`, the body ends with `# EOF`.
+    OpenMetrics,
+    /// The classic Prometheus text format 0.0.4.
+    Classic,
+}
+
+impl MetricsFormat {
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            MetricsFormat::OpenMetrics => {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            }
+            MetricsFormat::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// The format to answer a request's `Accept` header with: OpenMetrics when the client
+    /// prefers it (Prometheus asks for `application/openmetrics-text;version=1.0.0` first),
+    /// the classic format otherwise, including when there is no header or it accepts both
+    /// equally.
+    ///
+    /// Media ranges are weighed as RFC 9110 §12.5.1 says: the most specific range that
+    /// matches a format gives its `q`. An OpenMetrics range naming a `version` other than
+    /// 1.0.0, or a `text/plain` one naming a version other than 0.0.4, does not match.
+    pub fn negotiate(accept: Option<&str>) -> MetricsFormat {
+        let Some(accept) = accept else {
+            return MetricsFormat::Classic;
+        };
+        let mut open_metrics = Weight::default();
+        let mut classic = Weight::default();
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let mut q = 1.0_f32;
+            let mut version = None;
+            for param in parts {
+                let Some((name, value)) = param.split_once('=') else {
+                    continue;
+                };
+                let value = value.trim().trim_matches('"');
+                match name.trim().to_ascii_lowercase().as_str() {
+                    "q" => q = value.parse().unwrap_or(0.0),
+                    "version" => version = Some(value.to_owned()),
+                    _ => {}
+                }
+            }
+            let version_is = |wanted: &str| version.as_deref().is_none_or(|v| v == wanted);
+            match media.as_str() {
+                "application/openmetrics-text" if version_is("1.0.0") => open_metrics.offer(2, q),
+                "text/plain" if version_is("0.0.4") => classic.offer(2, q),
+                "application/*" => open_metrics.offer(1, q),
+                "text/*" => classic.offer(1, q),
+                "*/*" => {
+                    open_metrics.offer(0, q);
+                    classic.offer(0, q);
+                }
+                _ => {}
+            }
+        }
+        if open_metrics.q() > 0.0 && open_metrics.q() > classic.q() {
+            MetricsFormat::OpenMetrics
+        } else {
+            MetricsFormat::Classic
+        }
+    }
+}
+
+/// The `q` of the most specific media range that matched a format so far.
+#[derive(Debug, Default)]
+struct Weight {
+    /// (specificity, q): 2 for `type/subtype`, 1 for `type/*`, 0 for `*/*`.
+    best: Option<(u8, f32)>,
+}
+
+impl Weight {
+    fn offer(&mut self, specificity: u8, q: f32) {
+        match self.best {
+            Some((s, old)) if s > specificity || (s == specificity && old >= q) => {}
+            _ => self.best = Some((specificity, q)),
+        }
+    }
+
+    fn q(&self) -> f32 {
+        self.best.map_or(0.0, |(_, q)| q)
+    }
+}
+
+/// Rewrites an OpenMetrics text exposition (as prometheus-client encodes it) into the
+/// classic Prometheus text format 0.0.4.
+///
+/// The differences that matter to a classic parser: a counter's `# HELP`/`# TYPE` name the
+/// sample (`x_total`), not the family (`x`), or every counter reads as untyped; `unknown`
+/// is `untyped`; `info` and `stateset` are gauges (an info family's samples are `x_info`);
+/// there are no `# UNIT` lines, `_created` samples, exemplars or `# EOF`. A
+/// `gaugehistogram` has no classic type, so its samples are left untyped.
+pub fn openmetrics_to_classic(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    // `# HELP` comes before `# TYPE`; hold it until the type says what to call it.
+    let mut help: Option<(&str, &str)> = None;
+    // The family being copied, and whether its `_created` samples are dropped.
+    let mut family: Option<(&str, bool)> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (sample_name, classic_kind) = match kind {
+                "counter" => (suffixed(name, "_total"), Some("counter")),
+                "gauge" => (name.to_owned(), Some("gauge")),
+                "histogram" => (name.to_owned(), Some("histogram")),
+                "summary" => (name.to_owned(), Some("summary")),
+                "info" => (suffixed(name, "_info"), Some("gauge")),
+                "stateset" => (name.to_owned(), Some("gauge")),
+                "gaugehistogram" => (name.to_owned(), None),
+                _ => (name.to_owned(), Some("untyped")),
+            };
+            family = Some((name, matches!(kind, "counter" | "histogram" | "summary")));
+            if let Some(classic_kind) = classic_kind {
+                if let Some((help_name, help_text)) = help.take()
+                    && help_name == name
+                {
+                    out.push_str("# HELP ");
+                    out.push_str(&sample_name);
+                    out.push(' ');
+                    out.push_str(&escape_help(help_text));
+                    out.push('\n');
+                }
+                out.push_str("# TYPE ");
+                out.push_str(&sample_name);
+                out.push(' ');
+                out.push_str(classic_kind);
+                out.push('\n');
+            }
+            help = None;
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            // `# UNIT`, `# EOF`, and anything else a classic parser would not expect.
+            continue;
+        }
+        let sample = strip_exemplar(line);
+        let name_end = sample.find(['{', ' ']).unwrap_or(sample.len());
+        if let Some((name, drops_created)) = family
+            && drops_created
+            && sample[..name_end].strip_prefix(name) == Some("_created")
+        {
+            continue;
+        }
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
+/// `name` with `suffix`, unless it already ends with it.
+fn suffixed(name: &str, suffix: &str) -> String {
+    if name.ends_with(suffix) {
+        name.to_owned()
+    } else {
+        format!("{name}{suffix}")
+    }
+}
+
+/// A classic `# HELP` text escapes only backslashes and line feeds; OpenMetrics also escapes
+/// double quotes, which the classic format would show as `\"`.
+fn escape_help(help: &str) -> String {
+    help.replace("\\\"", "\"")
+}
+
+/// A sample line without its OpenMetrics exemplar (` # {labels} value [timestamp]`), which
+/// follows the value; a `#` inside a quoted label value is not one.
+fn strip_exemplar(line: &str) -> &str {
+    let mut in_quotes = false;
+    let mut escaped = false;
+    let mut after_labels = 0;
+    if line.contains('{') {
+        for (i, c) in line.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_quotes => escaped = true,
+                '"' => in_quotes = !in_quotes,
+                '}' if !in_quotes => {
+                    after_labels = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    match line[after_labels..].find(" # ") {
+        Some(at) => &line[..after_labels + at],
+        None => line,
     }
 }
 
@@ -265,4 +500,76 @@ pub struct ClosedStats {
     pub shutdown: u64,
     /// Socket failures and peers gone without a close frame.
     pub io_error: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+        application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,\
+        */*;q=0.1";
+
+    #[test]
+    fn negotiates_like_prometheus_asks() {
+        use MetricsFormat::*;
+        assert_eq!(
+            MetricsFormat::negotiate(Some(PROMETHEUS_ACCEPT)),
+            OpenMetrics
+        );
+        assert_eq!(MetricsFormat::negotiate(None), Classic);
+        assert_eq!(MetricsFormat::negotiate(Some("*/*")), Classic);
+        assert_eq!(MetricsFormat::negotiate(Some("text/plain")), Classic);
+        assert_eq!(
+            MetricsFormat::negotiate(Some("application/openmetrics-text")),
+            OpenMetrics
+        );
+        assert_eq!(
+            MetricsFormat::negotiate(Some("application/openmetrics-text; version=0.0.1")),
+            Classic
+        );
+        assert_eq!(
+            MetricsFormat::negotiate(Some(
+                "application/openmetrics-text;q=0.2, text/plain;version=0.0.4;q=0.9"
+            )),
+            Classic
+        );
+        assert_eq!(
+            MetricsFormat::negotiate(Some("application/openmetrics-text;q=0, */*")),
+            Classic
+        );
+        assert_eq!(
+            MetricsFormat::negotiate(Some("text/plain;q=0.1, application/*")),
+            OpenMetrics
+        );
+    }
+
+    #[test]
+    fn classic_names_counters_by_their_samples() {
+        let open = "# HELP a_requests Requests.\n# TYPE a_requests counter\n# UNIT a_requests \
+            seconds\na_requests_total{x=\"a # b\"} 2 # {trace=\"1\"} 1.0\na_requests_created \
+            1.5\n# HELP a_up Up, \\\"really\\\".\n# TYPE a_up gauge\na_up 1\n# TYPE a_odd \
+            unknown\na_odd 3\n# TYPE a_build info\na_build_info{v=\"1\"} 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_classic(open),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+             a_requests_total{x=\"a # b\"} 2\n# HELP a_up Up, \"really\".\n# TYPE a_up gauge\n\
+             a_up 1\n# TYPE a_odd untyped\na_odd 3\n# TYPE a_build_info gauge\n\
+             a_build_info{v=\"1\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn every_close_reason_is_exposed_from_the_start() {
+        let text = Metrics::default().prometheus_text();
+        for reason in CloseReason::ALL {
+            let sample = format!(
+                "tidings_connections_closed_total{{reason=\"{}\"}} 0\n",
+                reason.as_str()
+            );
+            assert!(text.contains(&sample), "no {sample:?} in {text}");
+        }
+        assert!(!text.contains("# EOF"));
+        assert!(Metrics::default().openmetrics_text().ends_with("# EOF\n"));
+    }
 }

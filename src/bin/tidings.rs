@@ -1,19 +1,19 @@
 //! The `tidings` command: parse the CLI, start tracing, bind, serve until a signal.
 
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mimalloc::MiMalloc;
 use tidings::{Config, Gateway};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// tidings: a real-time update gateway (WebSocket fan-out of topic publications).
+/// tidings: a real-time update gateway (WebSocket and HTTP polling fan-out of topic
+/// publications).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -28,9 +28,10 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, env = "TIDINGS_CONFIG")]
         config: Option<PathBuf>,
-        /// Address to listen on (default 127.0.0.1:8080).
+        /// Address to listen on, host:port (default 127.0.0.1:8080). A host name such as
+        /// localhost:8080 is resolved at startup.
         #[arg(long)]
-        listen: Option<SocketAddr>,
+        listen: Option<String>,
         /// Serve a WebSocket echo endpoint at /echo (conformance testing).
         #[arg(long)]
         echo: bool,
@@ -38,6 +39,44 @@ enum Command {
         #[arg(long, env = "TIDINGS_LOG", default_value = "info")]
         log: String,
     },
+}
+
+/// Parses the command line, with `serve --help` listing every configuration key.
+fn parse_cli() -> Cli {
+    let command = Cli::command().mut_subcommand("serve", |serve| {
+        serve
+            .after_help(
+                "Every setting is also a config-file key or a TIDINGS_<KEY> variable: --help \
+                 lists them, docs/OPERATIONS.md explains them.",
+            )
+            .after_long_help(settings_help())
+    });
+    let mut matches = command.get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The keys of the configuration, from `Config::default()` as TOML so the list cannot
+/// drift from the struct.
+fn settings_help() -> String {
+    let mut help = String::from(
+        "Settings, later layers winning: built-in defaults < the TOML file (--config) < \
+         TIDINGS_<KEY> environment variables < flags. Every key below can be set in the \
+         file as `key = value` or as the variable TIDINGS_<KEY> (upper case, e.g. \
+         max_queued_bytes is TIDINGS_MAX_QUEUED_BYTES). Durations are written \"500ms\", \
+         \"30s\", \"1m 30s\". docs/OPERATIONS.md (section Configuration) explains each \
+         key and its trade-off.\n\nKeys and their defaults:\n",
+    );
+    match toml::to_string(&Config::default()) {
+        Ok(text) => {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                help.push_str("  ");
+                help.push_str(line);
+                help.push('\n');
+            }
+        }
+        Err(e) => help.push_str(&format!("  (cannot list them: {e})\n")),
+    }
+    help
 }
 
 /// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`; libmimalloc-sys
@@ -58,7 +97,7 @@ fn main() -> ExitCode {
         listen,
         echo,
         log,
-    } = Cli::parse().command;
+    } = parse_cli().command;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&log)
@@ -69,7 +108,7 @@ fn main() -> ExitCode {
         .init();
     let mut flags = Vec::new();
     if let Some(listen) = listen {
-        flags.push(("listen".to_string(), toml::Value::from(listen.to_string())));
+        flags.push(("listen".to_string(), toml::Value::from(listen)));
     }
     if echo {
         flags.push(("echo".to_string(), toml::Value::from(true)));

@@ -1,5 +1,7 @@
 //! HTTP endpoints: routing, publishing, health, stats and metrics.
 
+mod conditional;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::hub::topics::TopicError;
 use crate::hub::{Hub, PollError, PublishError, StateWritten};
+use crate::metrics::MetricsFormat;
 use crate::net::{Mode, upgrade};
 use crate::proto::json::JsonLimitError;
 
@@ -81,12 +84,19 @@ pub async fn route(
         },
         ["metrics"] => match *req.method() {
             Method::GET => {
+                let accept = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let format = MetricsFormat::negotiate(accept);
                 let mut response =
-                    Response::new(Full::new(Bytes::from(hub.metrics().prometheus_text())));
-                response.headers_mut().insert(
+                    Response::new(Full::new(Bytes::from(hub.metrics().encode(format))));
+                let headers = response.headers_mut();
+                headers.insert(
                     header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    HeaderValue::from_static(format.content_type()),
                 );
+                headers.insert(header::VARY, HeaderValue::from_static("accept"));
                 response
             }
             _ => method_not_allowed("GET"),
@@ -102,7 +112,7 @@ pub async fn route(
         ["v1", "topics", topic, "state"] => {
             let topic = percent_decode(topic);
             match *req.method() {
-                Method::GET => get_state(hub, &topic),
+                Method::GET => get_state(hub, &topic, &req),
                 Method::PUT => put_state(hub, &topic, req).await,
                 Method::PATCH => patch_state(hub, &topic, req).await,
                 _ => method_not_allowed("GET, PUT, PATCH"),
@@ -265,11 +275,17 @@ fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>
     }
     match hub.poll(topic, &since, limit) {
         Ok(body) => {
+            let etag = poll_etag(&body);
+            if is_not_modified(req, &etag) {
+                return not_modified(etag);
+            }
             let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
+            let headers = response.headers_mut();
+            headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
+            headers.insert(header::ETAG, etag);
             response
         }
         Err(PollError::InvalidTopic(e)) => {
@@ -295,10 +311,59 @@ fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>
     }
 }
 
-/// `GET /v1/topics/{topic}/state`: the document, its version and an `ETag`.
-fn get_state(hub: &Hub, topic: &str) -> Response<Full<Bytes>> {
+/// The strong `ETag` of a poll page: a digest of its body.
+///
+/// A page is not a function of the topic's version and the request's `since` and `limit`
+/// alone: history evicted by age or by the memory budget, or `max_poll_bytes`, changes it
+/// while the version stays put. The body's digest changes exactly when the page does, so
+/// a poller that sends it back in `If-None-Match` gets `304` only for a byte-identical page.
+fn poll_etag(body: &[u8]) -> HeaderValue {
+    use sha1::Digest as _;
+    let digest = sha1::Sha1::digest(body);
+    let mut tag = String::with_capacity(2 + 2 * digest.len() + 2);
+    tag.push_str("\"p");
+    for byte in digest.iter() {
+        tag.push(char::from(b"0123456789abcdef"[usize::from(byte >> 4)]));
+        tag.push(char::from(b"0123456789abcdef"[usize::from(byte & 0xf)]));
+    }
+    tag.push('"');
+    // Quotes, `p` and hex digits are all valid header bytes.
+    HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"p\""))
+}
+
+/// Whether the request's `If-None-Match` matches `etag` (RFC 9110 §13.1.2), so a `GET` is
+/// answered `304 Not Modified`.
+fn is_not_modified(req: &Request<Incoming>, etag: &HeaderValue) -> bool {
+    let Ok(etag) = etag.to_str() else {
+        return false;
+    };
+    // Several `If-None-Match` fields form one list (RFC 9110 §5.3).
+    req.headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| conditional::if_none_match(v, etag))
+}
+
+/// `304 Not Modified`: no body, the `ETag` the client already has (RFC 9110 §15.4.5).
+fn not_modified(etag: HeaderValue) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    response.headers_mut().insert(header::ETAG, etag);
+    response
+}
+
+/// `GET /v1/topics/{topic}/state`: the document, its version and an `ETag` (the version),
+/// or `304` when `If-None-Match` names it.
+fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match hub.state(topic) {
         Ok(Some((version, json))) => {
+            let etag = HeaderValue::from_str(&version.etag()).ok();
+            if let Some(etag) = etag.as_ref()
+                && is_not_modified(req, etag)
+            {
+                return not_modified(etag.clone());
+            }
             let v = version.to_buf();
             let mut body = Vec::with_capacity(json.len() + 96);
             body.extend_from_slice(br#"{"topic":""#);
@@ -314,7 +379,7 @@ fn get_state(hub: &Hub, topic: &str) -> Response<Full<Bytes>> {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            if let Ok(etag) = HeaderValue::from_str(&version.etag()) {
+            if let Some(etag) = etag {
                 headers.insert(header::ETAG, etag);
             }
             response
