@@ -28,11 +28,13 @@ pub enum CloseReason {
     Shutdown,
     /// The socket failed or the peer vanished without a close frame.
     IoError,
+    /// A gateway-wide buffer budget was full (`max_inbound_buffered_bytes`): close 1013.
+    Overloaded,
 }
 
 impl CloseReason {
     /// Every reason, in the order `/stats` lists them.
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Normal,
         CloseReason::ProtocolError,
         CloseReason::SlowConsumer,
@@ -40,6 +42,7 @@ impl CloseReason {
         CloseReason::RateLimited,
         CloseReason::Shutdown,
         CloseReason::IoError,
+        CloseReason::Overloaded,
     ];
 
     /// The name used in `/stats` and as the `reason` label in `/metrics`.
@@ -52,6 +55,7 @@ impl CloseReason {
             CloseReason::RateLimited => "rate_limited",
             CloseReason::Shutdown => "shutdown",
             CloseReason::IoError => "io_error",
+            CloseReason::Overloaded => "overloaded",
         }
     }
 }
@@ -223,6 +227,7 @@ impl Metrics {
                 rate_limited: self.closed(CloseReason::RateLimited),
                 shutdown: self.closed(CloseReason::Shutdown),
                 io_error: self.closed(CloseReason::IoError),
+                overloaded: self.closed(CloseReason::Overloaded),
             },
             publications: self.publications.get(),
             deliveries: self.deliveries.get(),
@@ -500,6 +505,8 @@ pub struct ClosedStats {
     pub shutdown: u64,
     /// Socket failures and peers gone without a close frame.
     pub io_error: u64,
+    /// Closed because a gateway-wide buffer budget was full (1013).
+    pub overloaded: u64,
 }
 
 #[cfg(test)]

@@ -195,6 +195,8 @@ pub struct Connection {
     pub limiter: RateLimiter,
     /// Whether the socket is registered for writability (only while frames are queued).
     pub write_interest: bool,
+    /// `queued_bytes()` and `inbound_bytes()` as last added to the shard's budgets.
+    pub accounted: (u32, u32),
 }
 
 impl Connection {
@@ -226,6 +228,7 @@ impl Connection {
             close_deadline: None,
             limiter,
             write_interest: false,
+            accounted: (0, 0),
         }
     }
 
@@ -237,6 +240,16 @@ impl Connection {
     /// Whether frames are queued.
     pub fn has_queued(&self) -> bool {
         !self.out.is_empty()
+    }
+
+    /// Bytes queued for the socket (what of the head frame is written not counted).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued
+    }
+
+    /// Bytes held for inbound data: an incomplete frame and a fragmented message.
+    pub fn inbound_bytes(&self) -> usize {
+        self.partial.capacity() + self.fragments.as_ref().map_or(0, |f| f.held())
     }
 
     /// Delivers one encoded frame: straight to the socket if nothing is queued, else queued.
@@ -468,6 +481,24 @@ impl Connection {
         Ok(pos)
     }
 
+    /// Closes with 1013 because the shard's inbound buffers are over their budget, and lets
+    /// go of this connection's share: nothing more it sends is read.
+    pub fn shed_inbound(&mut self) {
+        if self.phase.is_open() {
+            self.start_close(
+                CloseCode::TryAgainLater,
+                "gateway inbound buffers full; retry later",
+                false,
+            );
+            self.reason = CloseReason::Overloaded;
+        }
+        if self.phase != Phase::Broken {
+            self.phase = Phase::Failed;
+        }
+        self.partial = Vec::new();
+        self.fragments = None;
+    }
+
     /// Fails the connection after a protocol violation (RFC 6455 §7.1.7).
     fn fail(&mut self, violation: ProtocolViolation) -> Discard {
         tracing::debug!(%violation, "protocol violation");
@@ -571,6 +602,12 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/ARCHITECTURE.md states this size; an idle connection costs its slab entry.
+    #[test]
+    fn a_connection_is_208_bytes() {
+        assert_eq!(std::mem::size_of::<Connection>(), 208);
+    }
 
     #[test]
     fn rate_limiter_refuses_then_closes() {

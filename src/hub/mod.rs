@@ -252,7 +252,7 @@ impl Hub {
             let poll = mio::Poll::new()?;
             let waker = Arc::new(mio::Waker::new(poll.registry(), shard::WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
-            let shard = shard::Shard::new(poll, rx, shared.clone());
+            let shard = shard::Shard::new(poll, rx, shared.clone(), threads);
             std::thread::Builder::new()
                 .name(format!("tidings-shard-{i}"))
                 .spawn(move || shard.run())?;

@@ -75,6 +75,14 @@ pub struct Shard {
     /// Connections whose read budget ran out with data possibly left (edge-triggered
     /// readiness will not report them again).
     more_to_read: Vec<(SlotId, u32)>,
+    /// Bytes queued for all of this shard's connections, and this shard's share of
+    /// `max_queued_total_bytes`.
+    queued_total: usize,
+    queued_share: usize,
+    /// Bytes of incomplete inbound frames and fragmented messages held for this shard's
+    /// connections, and this shard's share of `max_inbound_buffered_bytes`.
+    inbound_total: usize,
+    inbound_share: usize,
     /// Publications not fanned out yet, per topic, in offset order.
     pending: HashMap<Arc<str>, VecDeque<Publication>>,
     /// Topics with pending publications, served round-robin one publication at a time, so a
@@ -87,8 +95,12 @@ pub struct Shard {
 
 impl Shard {
     /// Creates a shard around its poll (whose waker the hub holds) and job channel.
-    pub fn new(poll: Poll, jobs: Receiver<Job>, shared: Arc<Shared>) -> Shard {
+    /// `shards` is how many shards share the gateway-wide buffer budgets.
+    pub fn new(poll: Poll, jobs: Receiver<Job>, shared: Arc<Shared>, shards: usize) -> Shard {
         let config = &shared.config;
+        let shards = shards.max(1);
+        let queued_share = config.max_queued_total_bytes / shards;
+        let inbound_share = config.max_inbound_buffered_bytes / shards;
         let tick = heartbeat::tick_for(config.ping_interval, config.pong_timeout)
             .min((config.close_timeout / 10).max(heartbeat::MIN_TICK));
         let interval_ticks = heartbeat::ticks(config.ping_interval, tick);
@@ -111,6 +123,10 @@ impl Shard {
             timeout_ticks,
             close_ticks,
             more_to_read: Vec::new(),
+            queued_total: 0,
+            queued_share,
+            inbound_total: 0,
+            inbound_share,
             pending: HashMap::new(),
             ready: VecDeque::new(),
             targets: Vec::new(),
@@ -296,8 +312,10 @@ impl Shard {
                 Delivery::Written => delivered += 1,
                 Delivery::Queued => {
                     delivered += 1;
-                    // The socket was full: ask to hear when it drains.
-                    if !conn.write_interest {
+                    reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
+                    // The socket was full: ask to hear when it drains. Past the shard's
+                    // share of the queue budget, it is treated as a slow consumer.
+                    if !conn.write_interest || self.queued_total > self.queued_share {
                         unsettled.push(slot);
                     }
                 }
@@ -308,7 +326,8 @@ impl Shard {
         }
         self.shared.metrics.delivered(delivered);
         for slot in unsettled {
-            self.on_overflow(slot, &topic, offset);
+            let force = self.queued_total > self.queued_share;
+            self.on_overflow(slot, &topic, offset, force);
             self.settle(slot);
         }
         if self.targets.capacity() > 4096 {
@@ -322,11 +341,13 @@ impl Shard {
     /// what is already queued and then close 1013, whose reason names the last version
     /// queued, so it resumes exactly with `since` (or is told by `history_truncated` what
     /// history no longer has): never silent loss.
-    fn on_overflow(&mut self, slot: SlotId, topic: &str, offset: u64) {
+    /// With `force` it acts though the connection is within its own limit: the shard is
+    /// over its share of `max_queued_total_bytes`.
+    fn on_overflow(&mut self, slot: SlotId, topic: &str, offset: u64, force: bool) {
         let Some(conn) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        if !conn.phase.is_open() || !conn.over_limit() {
+        if !conn.phase.is_open() || !(force || conn.over_limit()) {
             return;
         }
         let topics: Vec<Arc<str>> = conn
@@ -544,6 +565,12 @@ impl Shard {
         let Some(conn) = self.slots.get_mut(slot as usize) else {
             return;
         };
+        reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
+        if self.inbound_total > self.inbound_share && conn.inbound_bytes() > 0 {
+            // The shard holds too much half-received input: this connection, which holds
+            // some of it, is told to come back later.
+            conn.shed_inbound();
+        }
         // While registered for writability the socket was full at the last try: wait for
         // the event instead of a write that would fail again.
         if conn.has_queued() && conn.phase != Phase::Broken && !conn.write_interest {
@@ -567,7 +594,11 @@ impl Shard {
                 conn.write_interest = want_write;
             }
         }
-        if conn.phase.is_open() && conn.over_limit() {
+        reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
+        if conn.phase.is_open()
+            && (conn.over_limit()
+                || (self.queued_total > self.queued_share && conn.queued_bytes() > 0))
+        {
             // Overflowed by a reply or a ping rather than a publication.
             conn.close(
                 CloseCode::TryAgainLater,
@@ -597,6 +628,9 @@ impl Shard {
             return;
         }
         let mut conn = self.slots.remove(slot as usize);
+        let (queued, inbound) = conn.accounted;
+        self.queued_total -= queued as usize;
+        self.inbound_total -= inbound as usize;
         for sub in conn.subscriptions.drain(..) {
             match sub {
                 Subscription::Topic(t) => {
@@ -694,4 +728,18 @@ impl Shard {
         }
         self.due = due;
     }
+}
+
+/// Brings the shard's budget totals up to date with what `conn` holds now.
+fn reconcile(conn: &mut Connection, queued_total: &mut usize, inbound_total: &mut usize) {
+    // Both fit in u32: a queue is bounded by `max_queued_bytes` plus one frame, inbound data
+    // by twice `max_message_bytes`.
+    let now = (
+        conn.queued_bytes().min(u32::MAX as usize) as u32,
+        conn.inbound_bytes().min(u32::MAX as usize) as u32,
+    );
+    let (queued, inbound) = conn.accounted;
+    *queued_total = *queued_total + now.0 as usize - queued as usize;
+    *inbound_total = *inbound_total + now.1 as usize - inbound as usize;
+    conn.accounted = now;
 }

@@ -176,6 +176,11 @@ impl Fragments {
         Ok(())
     }
 
+    /// Bytes held for the message so far (its buffer's capacity).
+    pub fn held(&self) -> usize {
+        self.data.capacity()
+    }
+
     /// The complete message, once the final fragment has been pushed.
     pub fn finish(&self) -> Result<Message<'_>, ProtocolViolation> {
         if !self.text {
