@@ -295,7 +295,11 @@ async fn direct_and_pattern_subscriptions_deliver_once() {
     // Every publication matches several subscriptions; each arrives exactly once.
     let mut events = client.next_events(3).await;
     // Each topic in offset order; topics are not ordered with each other (PROTOCOL.md).
-    let a: Vec<u64> = events.iter().filter(|(t, _)| t == "dup:a").map(|e| e.1).collect();
+    let a: Vec<u64> = events
+        .iter()
+        .filter(|(t, _)| t == "dup:a")
+        .map(|e| e.1)
+        .collect();
     assert_eq!(a, [1, 2], "{events:?}");
     events.sort();
     assert_eq!(
