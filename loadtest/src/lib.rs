@@ -20,6 +20,7 @@
 pub mod conn;
 pub mod coord;
 pub mod histo;
+pub mod offsets;
 pub mod publisher;
 pub mod report;
 pub mod run;
@@ -34,6 +35,17 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The soft open-file limit of this process, if it can be read.
+pub fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer to an rlimit.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    ok.then_some(lim.rlim_cur)
+}
 
 /// Raises the soft open-file limit to the hard one (each process holds one file per
 /// connection; the coordinator keeps every process within the hard limit).

@@ -171,6 +171,7 @@ impl Load {
                 payload: self.payload,
                 duration: Duration::from_secs_f64(self.duration.max(0.0)),
             }),
+            track_offsets: false,
         }
     }
 
@@ -209,6 +210,7 @@ fn measure(cmd: Cmd) -> Result<()> {
                 churn_rate: 0.0,
                 churn_hold: Duration::ZERO,
                 publish: None,
+                track_offsets: false,
             };
             let params = json!({ "connections": connections });
             (Scenario::Idle, common, plan, params, 0.0)
