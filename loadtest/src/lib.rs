@@ -7,6 +7,8 @@
 //! - [`coord`]: the coordinator's handle on worker processes and result merging;
 //! - [`run`]: one measured run (connect, churn, publish, drain, sample the server);
 //! - [`scenarios`]: `idle`, `fanout`, `churn`, `slow` as plans and figures;
+//! - [`flood`]: publishers as fast as they can against a bounded gateway, a control topic,
+//!   and the exact delivery check of [`offsets`];
 //! - [`target`]: spawning or attaching to the server, `/proc` memory and CPU;
 //! - [`publisher`], [`histo`], [`report`], [`server`]: HTTP publishing, latency
 //!   histograms, tables/JSON, and what the comparison servers share.
@@ -19,6 +21,7 @@
 
 pub mod conn;
 pub mod coord;
+pub mod flood;
 pub mod histo;
 pub mod offsets;
 pub mod publisher;
