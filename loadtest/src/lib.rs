@@ -9,6 +9,8 @@
 //! - [`scenarios`]: `idle`, `fanout`, `churn`, `slow` as plans and figures;
 //! - [`flood`]: publishers as fast as they can against a bounded gateway, a control topic,
 //!   and the exact delivery check of [`offsets`];
+//! - [`stall`]: stalled request heads and bodies from one address, connect attempts
+//!   from another;
 //! - [`target`]: spawning or attaching to the server, `/proc` memory and CPU;
 //! - [`publisher`], [`histo`], [`report`], [`server`]: HTTP publishing, latency
 //!   histograms, tables/JSON, and what the comparison servers share.
@@ -29,6 +31,7 @@ pub mod report;
 pub mod run;
 pub mod scenarios;
 pub mod server;
+pub mod stall;
 pub mod target;
 pub mod wire;
 pub mod worker;

@@ -1,6 +1,7 @@
 //! `tidings-loadtest`: measures a tidings gateway (or the floor and naive comparison
 //! servers) with the same client, one scenario per subcommand. See loadtest/README.md.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tidings_loadtest::flood::{self, FloodPlan};
 use tidings_loadtest::report::{self, Row};
 use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
 use tidings_loadtest::scenarios::{self, Scenario};
+use tidings_loadtest::stall::{self, StallPlan};
 use tidings_loadtest::target::Target;
 
 /// Load-test harness for tidings: idle memory, fan-out latency, churn, slow consumers.
@@ -109,6 +111,43 @@ enum Cmd {
         /// Memory ceiling in MiB: report whether the server's peak RSS stayed under it.
         #[arg(long)]
         ceiling_mib: Option<f64>,
+    },
+    /// Stalled request heads and bodies from one address, kept open (re-opened when the
+    /// server ends them), while a client from another address times sequential attempts
+    /// to connect, upgrade and subscribe.
+    Stall {
+        #[command(flatten)]
+        common: Common,
+        /// Source address of the stalled connections (loopback).
+        #[arg(long, default_value = "127.0.0.2")]
+        attack_addr: Ipv4Addr,
+        /// Source address of the client attempts (loopback).
+        #[arg(long, default_value = "127.0.0.1")]
+        client_addr: Ipv4Addr,
+        /// Connections that send an incomplete request head, then nothing.
+        #[arg(long, default_value_t = 5000)]
+        stalled_heads: usize,
+        /// Connections that send a POST head (Content-Length 100000) and a few body
+        /// bytes, then nothing.
+        #[arg(long, default_value_t = 1000)]
+        stalled_bodies: usize,
+        /// Wait before re-opening a stalled connection the server ended (ms).
+        #[arg(long, default_value_t = 1000)]
+        reopen_ms: u64,
+        /// Sequential client attempts (connect + upgrade + subscribe).
+        #[arg(long, default_value_t = 100)]
+        tries: usize,
+        /// Deadline of one attempt (ms); past it the attempt fails as `timeout`.
+        #[arg(long, default_value_t = 5000)]
+        try_timeout_ms: u64,
+        /// Pace the attempts to start over at least this many seconds (the default spans
+        /// two of the gateway's 10 s request deadlines, so the attack's re-opens are
+        /// sampled too; 0 = back to back).
+        #[arg(long, default_value_t = 25.0)]
+        spread_secs: f64,
+        /// Longest all attempts may take (s); the rest are not made.
+        #[arg(long, default_value_t = 120)]
+        max_secs: u64,
     },
     /// Internal: one client worker process (spec and commands on stdin).
     #[command(hide = true)]
@@ -309,6 +348,41 @@ fn measure(cmd: Cmd) -> Result<()> {
                 "ceiling_mib": ceiling_mib,
             });
             return measure_flood(&common, &plan, params);
+        }
+        Cmd::Stall {
+            common,
+            attack_addr,
+            client_addr,
+            stalled_heads,
+            stalled_bodies,
+            reopen_ms,
+            tries,
+            try_timeout_ms,
+            spread_secs,
+            max_secs,
+        } => {
+            let plan = StallPlan {
+                attack_addr,
+                client_addr,
+                stalled_heads,
+                stalled_bodies,
+                reopen: Duration::from_millis(reopen_ms),
+                tries,
+                try_timeout: Duration::from_millis(try_timeout_ms),
+                spread: Duration::from_secs_f64(spread_secs.max(0.0)),
+                max_time: Duration::from_secs(max_secs),
+            };
+            let params = json!({
+                "attack_addr": attack_addr.to_string(), "client_addr": client_addr.to_string(),
+                "stalled_heads": stalled_heads, "stalled_bodies": stalled_bodies,
+                "body_length": stall::BODY_LENGTH, "reopen_ms": reopen_ms, "tries": tries,
+                "try_timeout_ms": try_timeout_ms, "spread_s": spread_secs,
+            });
+            let opts = client_opts(&common);
+            return each_target(&common, "stall", params, |target| {
+                let data = stall::run(target, &plan, &opts)?;
+                Ok(stall::row(&target.label, &plan, &data))
+            });
         }
         Cmd::Idle {
             common,
