@@ -16,7 +16,8 @@ use tidings_loadtest::scenarios::{self, Scenario};
 use tidings_loadtest::stall::{self, StallPlan};
 use tidings_loadtest::target::Target;
 
-/// Load-test harness for tidings: idle memory, fan-out latency, churn, slow consumers.
+/// Load-test harness for tidings: idle memory, fan-out latency, churn, slow consumers,
+/// publish floods, stalled requests.
 #[derive(Parser, Debug)]
 #[command(name = "tidings-loadtest", version)]
 struct Cli {
