@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::wire::{self, FrameError, MaskRng, opcode};
+use crate::wire::{self, FrameError, MaskRng, ServerText, opcode};
 
 /// Bytes a read asks the kernel for beyond any partial frame already held.
 const READ_CHUNK: usize = 64 * 1024;
@@ -39,6 +39,8 @@ pub enum Fail {
     Ended(End),
     /// Connect, upgrade and subscribe did not finish in time.
     Timeout,
+    /// The worker stopped before the connection ended.
+    Stopped,
 }
 
 impl Fail {
@@ -53,6 +55,7 @@ impl Fail {
             Fail::Io(e) => format!("io: {}", e.kind()),
             Fail::Ended(end) => format!("ended early: {}", end.label()),
             Fail::Timeout => "timeout".into(),
+            Fail::Stopped => "worker stopped".into(),
         }
     }
 }
@@ -119,6 +122,7 @@ pub struct WsConn {
     pending: Vec<u8>,
     out: Vec<u8>,
     rng: MaskRng,
+    close_reason: Vec<u8>,
 }
 
 /// Appends the frame a [`Reply`] asks for.
@@ -133,21 +137,32 @@ fn push_reply(out: &mut Vec<u8>, rng: &mut MaskRng, reply: Reply) {
 }
 
 /// Opens a TCP connection from source address `127.0.0.<1 + spread % source_addrs>`.
-///
-/// `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect`, so each source address
-/// offers its whole ephemeral range per destination instead of a port per bind.
 pub async fn connect(
     addr: SocketAddr,
     spread: usize,
     source_addrs: u8,
     rcvbuf: usize,
 ) -> Result<TcpStream, Fail> {
-    let socket =
-        Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(Fail::Connect)?;
     let k = usize::from(source_addrs.max(1));
     // (spread % k) < 255, so the cast cannot truncate.
     let src = Ipv4Addr::new(127, 0, 0, 1 + (spread % k) as u8);
-    if k > 1 || src != Ipv4Addr::LOCALHOST {
+    connect_from(addr, src, k > 1 || src != Ipv4Addr::LOCALHOST, rcvbuf).await
+}
+
+/// Opens a TCP connection to `addr`, bound to source address `src` first when `bind` is
+/// set (otherwise the kernel picks it), with `SO_RCVBUF` `rcvbuf` (0 = default).
+///
+/// `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect`, so each source address
+/// offers its whole ephemeral range per destination instead of a port per bind.
+pub async fn connect_from(
+    addr: SocketAddr,
+    src: Ipv4Addr,
+    bind: bool,
+    rcvbuf: usize,
+) -> Result<TcpStream, Fail> {
+    let socket =
+        Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).map_err(Fail::Connect)?;
+    if bind {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt on an fd we own, with a valid pointer and length for an int.
         let rc = unsafe {
@@ -174,6 +189,38 @@ pub async fn connect(
     socket.set_nonblocking(true).map_err(Fail::Connect)?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     socket.connect(addr).await.map_err(Fail::Connect)
+}
+
+/// Sends `{"type":"subscribe","topics":[topic]}` and reads until the server acknowledges
+/// it (answering pings meanwhile).
+pub async fn subscribe(
+    ws: &mut WsConn,
+    scratch: &RefCell<Vec<u8>>,
+    topic: &str,
+) -> Result<(), Fail> {
+    let msg = format!(r#"{{"type":"subscribe","topics":["{topic}"]}}"#);
+    ws.send_text(msg.as_bytes()).await?;
+    let mut counts = FrameCounts::default();
+    loop {
+        let mut state = None;
+        let end = ws
+            .read_some(scratch, &mut counts, |text, _| {
+                match wire::classify(text) {
+                    ServerText::Subscribed => state = Some(Ok(())),
+                    ServerText::Error => state = Some(Err(Fail::SubscribeError)),
+                    ServerText::Ping => return Reply::Pong,
+                    _ => {}
+                }
+                Reply::None
+            })
+            .await?;
+        if let Some(state) = state {
+            return state;
+        }
+        if let Some(end) = end {
+            return Err(Fail::Ended(end));
+        }
+    }
 }
 
 impl WsConn {
@@ -219,6 +266,7 @@ impl WsConn {
             pending: buf,
             out: Vec::new(),
             rng: MaskRng::new(seed),
+            close_reason: Vec::new(),
         })
     }
 
@@ -236,6 +284,11 @@ impl WsConn {
         let mask = self.rng.next_mask();
         wire::encode_client_frame(&mut self.out, opcode::CLOSE, &code.to_be_bytes(), mask);
         self.flush_out().await
+    }
+
+    /// The reason of the server's close frame, once one arrived (empty otherwise).
+    pub fn close_reason(&self) -> &[u8] {
+        &self.close_reason
     }
 
     async fn flush_out(&mut self) -> io::Result<()> {
@@ -306,6 +359,10 @@ impl WsConn {
                     opcode::CLOSE => {
                         let code = (frame.payload.len() >= 2)
                             .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                        if let Some(reason) = frame.payload.get(2..) {
+                            self.close_reason.clear();
+                            self.close_reason.extend_from_slice(reason);
+                        }
                         end = Some(End::Close(code));
                         break;
                     }

@@ -13,7 +13,11 @@ use serde::Serialize;
 
 use crate::Result;
 use crate::histo::{self, Latency};
-use crate::worker::{Command, Progress, Report, WorkerResult, WorkerSpec};
+use crate::offsets::{Ranges, Tally};
+use crate::worker::{Command, Progress, Report, TRACKED_DRAIN_CAP, WorkerResult, WorkerSpec};
+
+/// Time a worker has past its drain to read slow connections' backlog and report.
+const REPORT_GRACE: Duration = Duration::from_secs(30);
 
 /// What a worker's reader thread forwards.
 enum Msg {
@@ -30,6 +34,10 @@ pub struct Workers {
     ready: Vec<bool>,
     results: Vec<Option<WorkerResult>>,
     gone: Vec<bool>,
+    /// Whether the workers track offsets (their drain may last longer).
+    tracked: bool,
+    /// When every result must be in, once `Stop` was sent.
+    report_by: Option<Instant>,
 }
 
 impl Workers {
@@ -78,6 +86,8 @@ impl Workers {
             ready: vec![false; n],
             results: vec![None; n],
             gone: vec![false; n],
+            tracked: specs.iter().any(|s| s.track_offsets),
+            report_by: None,
         })
     }
 
@@ -155,13 +165,33 @@ impl Workers {
 
     /// Sends `Stop` and collects every worker's result.
     pub fn finish(mut self, published: Vec<u64>, drain: Duration) -> Result<Aggregate> {
+        self.stop(published, Ranges::default(), drain)?;
+        self.collect()
+    }
+
+    /// Sends `Stop`, with the `accepted` offsets that workers tracking offsets judge
+    /// their subscribers against; [`Workers::collect`] then gathers the results.
+    pub fn stop(&mut self, published: Vec<u64>, accepted: Ranges, drain: Duration) -> Result<()> {
         let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
         self.send(&Command::Stop {
             published,
             drain_ms,
+            accepted,
         })?;
-        // Drain time, plus time to read slow connections' backlog and report.
-        let deadline = Instant::now() + drain + Duration::from_secs(30);
+        let drain = if self.tracked {
+            drain.max(TRACKED_DRAIN_CAP)
+        } else {
+            drain
+        };
+        self.report_by = Some(Instant::now() + drain + REPORT_GRACE);
+        Ok(())
+    }
+
+    /// Waits for every worker's result (after [`Workers::stop`]) and merges them.
+    pub fn collect(mut self) -> Result<Aggregate> {
+        let deadline = self
+            .report_by
+            .unwrap_or_else(|| Instant::now() + REPORT_GRACE);
         while self.results.iter().any(Option::is_none) {
             if Instant::now() >= deadline {
                 return Err("workers did not report in time".into());
@@ -216,6 +246,8 @@ pub struct Aggregate {
     pub slow_outcomes: BTreeMap<String, u64>,
     /// CPU seconds of all client workers (user, system).
     pub client_cpu_s: (f64, f64),
+    /// Verdicts on subscribers of workers that tracked offsets.
+    pub flood: Tally,
 }
 
 impl Aggregate {
@@ -249,6 +281,7 @@ impl Aggregate {
             merge(&mut a.slow_outcomes, &r.slow_outcomes);
             a.client_cpu_s.0 += r.client_cpu_s.0;
             a.client_cpu_s.1 += r.client_cpu_s.1;
+            a.flood.merge(&r.flood);
         }
         a.latency = Latency::of(&hist);
         Ok(a)

@@ -7,6 +7,10 @@
 //! - [`coord`]: the coordinator's handle on worker processes and result merging;
 //! - [`run`]: one measured run (connect, churn, publish, drain, sample the server);
 //! - [`scenarios`]: `idle`, `fanout`, `churn`, `slow` as plans and figures;
+//! - [`flood`]: publishers as fast as they can against a bounded gateway, a control topic,
+//!   and the exact delivery check of [`offsets`];
+//! - [`stall`]: stalled request heads and bodies from one address, connect attempts
+//!   from another;
 //! - [`target`]: spawning or attaching to the server, `/proc` memory and CPU;
 //! - [`publisher`], [`histo`], [`report`], [`server`]: HTTP publishing, latency
 //!   histograms, tables/JSON, and what the comparison servers share.
@@ -19,12 +23,15 @@
 
 pub mod conn;
 pub mod coord;
+pub mod flood;
 pub mod histo;
+pub mod offsets;
 pub mod publisher;
 pub mod report;
 pub mod run;
 pub mod scenarios;
 pub mod server;
+pub mod stall;
 pub mod target;
 pub mod wire;
 pub mod worker;
@@ -34,6 +41,17 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The soft open-file limit of this process, if it can be read.
+pub fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer to an rlimit.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    ok.then_some(lim.rlim_cur)
+}
 
 /// Raises the soft open-file limit to the hard one (each process holds one file per
 /// connection; the coordinator keeps every process within the hard limit).

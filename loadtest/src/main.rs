@@ -1,6 +1,7 @@
 //! `tidings-loadtest`: measures a tidings gateway (or the floor and naive comparison
 //! servers) with the same client, one scenario per subcommand. See loadtest/README.md.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,12 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use tidings_loadtest::Result;
+use tidings_loadtest::flood::{self, FloodPlan};
 use tidings_loadtest::report::{self, Row};
 use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
 use tidings_loadtest::scenarios::{self, Scenario};
+use tidings_loadtest::stall::{self, StallPlan};
 use tidings_loadtest::target::Target;
 
-/// Load-test harness for tidings: idle memory, fan-out latency, churn, slow consumers.
+/// Load-test harness for tidings: idle memory, fan-out latency, churn, slow consumers,
+/// publish floods, stalled requests.
 #[derive(Parser, Debug)]
 #[command(name = "tidings-loadtest", version)]
 struct Cli {
@@ -76,6 +80,75 @@ enum Cmd {
         /// fills instead of kernel buffers; 0 = kernel default).
         #[arg(long, default_value_t = 4096)]
         slow_rcvbuf: usize,
+    },
+    /// Flood publishers as fast as they can on one topic (a fraction of its subscribers
+    /// not reading) beside a 5/s control topic: refusals (503), control latency, exact
+    /// delivery to reading subscribers (or an explicit 1013), the server's peak memory.
+    /// Exits non-zero if a reading subscriber got neither.
+    Flood {
+        #[command(flatten)]
+        common: Common,
+        /// Subscribers of the flood topic.
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        subscribers: usize,
+        /// Fraction of flood subscribers that never read.
+        #[arg(long, default_value_t = 0.5)]
+        slow_fraction: f64,
+        /// SO_RCVBUF of the subscribers that never read, in bytes (0 = kernel default).
+        #[arg(long, default_value_t = 4096)]
+        slow_rcvbuf: usize,
+        /// Flood publisher connections (keep-alive HTTP/1.1, one request in flight each).
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        /// Payload size in bytes (flood and control).
+        #[arg(long, default_value_t = 8192)]
+        payload: usize,
+        /// Seconds of flooding.
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+        /// Publications per second on the control topic.
+        #[arg(long, default_value_t = 5.0)]
+        control_rate: f64,
+        /// Memory ceiling in MiB: report whether the server's peak RSS stayed under it.
+        #[arg(long)]
+        ceiling_mib: Option<f64>,
+    },
+    /// Stalled request heads and bodies from one address, kept open (re-opened when the
+    /// server ends them), while a client from another address times sequential attempts
+    /// to connect, upgrade and subscribe.
+    Stall {
+        #[command(flatten)]
+        common: Common,
+        /// Source address of the stalled connections (loopback).
+        #[arg(long, default_value = "127.0.0.2")]
+        attack_addr: Ipv4Addr,
+        /// Source address of the client attempts (loopback).
+        #[arg(long, default_value = "127.0.0.1")]
+        client_addr: Ipv4Addr,
+        /// Connections that send an incomplete request head, then nothing.
+        #[arg(long, default_value_t = 5000)]
+        stalled_heads: usize,
+        /// Connections that send a POST head (Content-Length 100000) and a few body
+        /// bytes, then nothing.
+        #[arg(long, default_value_t = 1000)]
+        stalled_bodies: usize,
+        /// Wait before re-opening a stalled connection the server ended (ms).
+        #[arg(long, default_value_t = 1000)]
+        reopen_ms: u64,
+        /// Sequential client attempts (connect + upgrade + subscribe).
+        #[arg(long, default_value_t = 100)]
+        tries: usize,
+        /// Deadline of one attempt (ms); past it the attempt fails as `timeout`.
+        #[arg(long, default_value_t = 5000)]
+        try_timeout_ms: u64,
+        /// Pace the attempts to start over at least this many seconds (the default spans
+        /// two of the gateway's 10 s request deadlines, so the attack's re-opens are
+        /// sampled too; 0 = back to back).
+        #[arg(long, default_value_t = 25.0)]
+        spread_secs: f64,
+        /// Longest all attempts may take (s); the rest are not made.
+        #[arg(long, default_value_t = 120)]
+        max_secs: u64,
     },
     /// Internal: one client worker process (spec and commands on stdin).
     #[command(hide = true)]
@@ -171,6 +244,7 @@ impl Load {
                 payload: self.payload,
                 duration: Duration::from_secs_f64(self.duration.max(0.0)),
             }),
+            track_offsets: false,
         }
     }
 
@@ -195,8 +269,122 @@ fn main() {
     }
 }
 
+/// The client options of `common`.
+fn client_opts(common: &Common) -> ClientOpts {
+    ClientOpts {
+        path: common.path.clone(),
+        prefix: common.prefix.clone(),
+        source_addrs: common.source_addrs,
+        per_process: common.per_process,
+        processes: common.processes,
+        concurrency: common.concurrency,
+        timeout: Duration::from_millis(common.timeout_ms),
+        settle: Duration::from_millis(common.settle_ms),
+        drain: Duration::from_millis(common.drain_ms),
+        progress: !common.quiet && !common.json,
+        warmup: common.warmup,
+    }
+}
+
+/// Runs `one` against every target of `common` (the attached one, then each spawned
+/// one in turn) and prints the rows.
+fn each_target(
+    common: &Common,
+    name: &str,
+    params: serde_json::Value,
+    mut one: impl FnMut(&mut Target) -> Result<Row>,
+) -> Result<()> {
+    let mut rows: Vec<Row> = Vec::new();
+    if let Some(url) = &common.url {
+        let mut target = Target::attach(url, common.pid)?;
+        rows.push(one(&mut target)?);
+    } else if common.spawn.is_empty() {
+        return Err("give --spawn PATH (repeatable) or --url http://host:port".into());
+    }
+    for path in &common.spawn {
+        let mut target = Target::spawn(path, &common.server_args)?;
+        if !common.quiet && !common.json {
+            eprintln!("{name}: {} on {}", target.label, target.addr);
+        }
+        rows.push(one(&mut target)?);
+        // Dropping the target stops the server before the next one starts.
+    }
+    if common.json {
+        let doc = report::to_json(name, params, &rows);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        let title = format!("{name} {params}");
+        print!("{}", report::to_table(&title, &rows));
+    }
+    Ok(())
+}
+
 fn measure(cmd: Cmd) -> Result<()> {
     let (scenario, common, plan, params, tolerance) = match cmd {
+        Cmd::Flood {
+            common,
+            subscribers,
+            slow_fraction,
+            slow_rcvbuf,
+            publishers,
+            payload,
+            duration,
+            control_rate,
+            ceiling_mib,
+        } => {
+            let plan = FloodPlan {
+                subscribers,
+                slow_fraction,
+                slow_rcvbuf,
+                publishers,
+                payload,
+                duration: Duration::from_secs_f64(duration.max(0.0)),
+                control_rate,
+                ceiling_mib,
+            };
+            let params = json!({
+                "subscribers": subscribers, "slow_fraction": slow_fraction,
+                "slow_rcvbuf": slow_rcvbuf, "publishers": publishers, "payload": payload,
+                "duration_s": duration, "control_rate": control_rate,
+                "ceiling_mib": ceiling_mib,
+            });
+            return measure_flood(&common, &plan, params);
+        }
+        Cmd::Stall {
+            common,
+            attack_addr,
+            client_addr,
+            stalled_heads,
+            stalled_bodies,
+            reopen_ms,
+            tries,
+            try_timeout_ms,
+            spread_secs,
+            max_secs,
+        } => {
+            let plan = StallPlan {
+                attack_addr,
+                client_addr,
+                stalled_heads,
+                stalled_bodies,
+                reopen: Duration::from_millis(reopen_ms),
+                tries,
+                try_timeout: Duration::from_millis(try_timeout_ms),
+                spread: Duration::from_secs_f64(spread_secs.max(0.0)),
+                max_time: Duration::from_secs(max_secs),
+            };
+            let params = json!({
+                "attack_addr": attack_addr.to_string(), "client_addr": client_addr.to_string(),
+                "stalled_heads": stalled_heads, "stalled_bodies": stalled_bodies,
+                "body_length": stall::BODY_LENGTH, "reopen_ms": reopen_ms, "tries": tries,
+                "try_timeout_ms": try_timeout_ms, "spread_s": spread_secs,
+            });
+            let opts = client_opts(&common);
+            return each_target(&common, "stall", params, |target| {
+                let data = stall::run(target, &plan, &opts)?;
+                Ok(stall::row(&target.label, &plan, &data))
+            });
+        }
         Cmd::Idle {
             common,
             connections,
@@ -209,6 +397,7 @@ fn measure(cmd: Cmd) -> Result<()> {
                 churn_rate: 0.0,
                 churn_hold: Duration::ZERO,
                 publish: None,
+                track_offsets: false,
             };
             let params = json!({ "connections": connections });
             (Scenario::Idle, common, plan, params, 0.0)
@@ -245,54 +434,41 @@ fn measure(cmd: Cmd) -> Result<()> {
         }
         Cmd::Worker => return Err("worker is not a scenario".into()),
     };
-    let opts = ClientOpts {
-        path: common.path.clone(),
-        prefix: common.prefix.clone(),
-        source_addrs: common.source_addrs,
-        per_process: common.per_process,
-        processes: common.processes,
-        concurrency: common.concurrency,
-        timeout: Duration::from_millis(common.timeout_ms),
-        settle: Duration::from_millis(common.settle_ms),
-        drain: Duration::from_millis(common.drain_ms),
-        progress: !common.quiet && !common.json,
-        warmup: common.warmup,
-    };
-    let mut rows: Vec<Row> = Vec::new();
-    if let Some(url) = &common.url {
-        let mut target = Target::attach(url, common.pid)?;
-        let data = run::run(&mut target, &plan, &opts)?;
-        rows.push(scenarios::row(
+    let opts = client_opts(&common);
+    each_target(&common, scenario.name(), params, |target| {
+        let data = run::run(target, &plan, &opts)?;
+        Ok(scenarios::row(
             scenario,
             &target.label,
             &plan,
             &data,
             tolerance,
-        ));
-    } else if common.spawn.is_empty() {
-        return Err("give --spawn PATH (repeatable) or --url http://host:port".into());
-    }
-    for path in &common.spawn {
-        let mut target = Target::spawn(path, &common.server_args)?;
-        if opts.progress {
-            eprintln!("{}: {} on {}", scenario.name(), target.label, target.addr);
+        ))
+    })
+}
+
+/// `flood` against every target; fails (after printing) if any reading subscriber got
+/// neither every accepted publication nor a valid 1013.
+fn measure_flood(common: &Common, plan: &FloodPlan, params: serde_json::Value) -> Result<()> {
+    let opts = client_opts(common);
+    let mut violations = Vec::new();
+    each_target(common, "flood", params, |target| {
+        let data = flood::run(target, plan, &opts)?;
+        if data.violations() > 0 {
+            violations.push(format!("{}: {}", target.label, data.violations()));
+            for e in &data.agg.flood.examples {
+                eprintln!("flood: {}: VIOLATION: {e}", target.label);
+            }
         }
-        let data = run::run(&mut target, &plan, &opts)?;
-        rows.push(scenarios::row(
-            scenario,
-            &target.label,
-            &plan,
-            &data,
-            tolerance,
-        ));
-        // Dropping the target stops the server before the next one starts.
+        Ok(flood::row(&target.label, plan, &data))
+    })?;
+    if violations.is_empty() {
+        return Ok(());
     }
-    if common.json {
-        let doc = report::to_json(scenario.name(), params, &rows);
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-    } else {
-        let title = format!("{} {}", scenario.name(), params);
-        print!("{}", report::to_table(&title, &rows));
-    }
-    Ok(())
+    Err(format!(
+        "DELIVERY VIOLATED: reading subscribers with neither every accepted publication \
+         nor a 1013 after a gapless prefix: {}",
+        violations.join(", ")
+    )
+    .into())
 }

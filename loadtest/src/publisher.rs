@@ -23,6 +23,8 @@ pub struct Published {
     pub status: u16,
     /// The offset from a 202 body, if any.
     pub offset: Option<u64>,
+    /// Whether the response had a `Retry-After` header.
+    pub retry_after: bool,
 }
 
 /// A keep-alive publisher connection that reconnects once when the server closed it.
@@ -32,16 +34,23 @@ pub struct Publisher {
     stream: Option<TcpStream>,
     req: Vec<u8>,
     buf: Vec<u8>,
+    timeout: Duration,
 }
 
 impl Publisher {
     /// A publisher for the server at `addr` (connects lazily).
     pub fn new(addr: SocketAddr) -> Publisher {
+        Publisher::with_timeout(addr, PUBLISH_TIMEOUT)
+    }
+
+    /// A publisher whose connect, write and read each give up after `timeout`.
+    pub fn with_timeout(addr: SocketAddr, timeout: Duration) -> Publisher {
         Publisher {
             addr,
             stream: None,
             req: Vec::with_capacity(4096),
             buf: Vec::with_capacity(4096),
+            timeout,
         }
     }
 
@@ -70,9 +79,10 @@ impl Publisher {
 
     fn round_trip(&mut self) -> Result<Published> {
         if self.stream.is_none() {
-            let s = TcpStream::connect_timeout(&self.addr, PUBLISH_TIMEOUT)?;
+            let s = TcpStream::connect_timeout(&self.addr, self.timeout)?;
             s.set_nodelay(true)?;
-            s.set_read_timeout(Some(PUBLISH_TIMEOUT))?;
+            s.set_read_timeout(Some(self.timeout))?;
+            s.set_write_timeout(Some(self.timeout))?;
             self.stream = Some(s);
         }
         let Some(stream) = self.stream.as_mut() else {
@@ -94,10 +104,13 @@ impl Publisher {
         let text = std::str::from_utf8(head).map_err(|_| "non-UTF-8 response head")?;
         let mut content_length = 0usize;
         let mut close = false;
+        let mut retry_after = false;
         for line in text.split("\r\n").skip(1) {
             if let Some((k, v)) = line.split_once(':') {
                 if k.eq_ignore_ascii_case("content-length") {
                     content_length = v.trim().parse().map_err(|_| "bad Content-Length")?;
+                } else if k.eq_ignore_ascii_case("retry-after") {
+                    retry_after = true;
                 } else if k.eq_ignore_ascii_case("connection")
                     && v.trim().eq_ignore_ascii_case("close")
                 {
@@ -116,7 +129,11 @@ impl Publisher {
         if close {
             self.stream = None;
         }
-        Ok(Published { status, offset })
+        Ok(Published {
+            status,
+            offset,
+            retry_after,
+        })
     }
 }
 

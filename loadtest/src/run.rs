@@ -14,7 +14,7 @@ use crate::wire;
 use crate::worker::{Command, WorkerSpec};
 
 /// How often RSS is sampled while a phase runs.
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// Consecutive failed publishes after which the run is abandoned.
 const MAX_PUBLISH_ERRORS: u32 = 20;
@@ -76,6 +76,8 @@ pub struct Plan {
     pub churn_hold: Duration,
     /// Publishing, if any.
     pub publish: Option<Publishing>,
+    /// Whether workers record every offset for an exact check (`flood`).
+    pub track_offsets: bool,
 }
 
 /// What a run measured.
@@ -113,7 +115,8 @@ impl RunData {
     }
 }
 
-fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
+/// A progress bar (hidden unless `show`).
+pub(crate) fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
@@ -127,7 +130,9 @@ fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<WorkerSpec> {
+/// The worker processes' specs for `plan`: connections split evenly, each process
+/// within the per-process open-file budget.
+pub(crate) fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<WorkerSpec> {
     let per = opts.per_process.max(1);
     let n = opts.processes.max(plan.conns.div_ceil(per)).max(1);
     let mut first = 0;
@@ -148,6 +153,7 @@ fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<WorkerSpec> {
                 churn_rate: plan.churn_rate / n as f64,
                 churn_hold_ms: u64::try_from(plan.churn_hold.as_millis()).unwrap_or(u64::MAX),
                 timeout_ms: u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX),
+                track_offsets: plan.track_offsets,
             };
             first += count;
             spec
@@ -165,7 +171,8 @@ fn wait(workers: &mut Workers, target: &Target, d: Duration, peak: &mut Option<u
     Ok(())
 }
 
-fn track_peak(target: &Target, peak: &mut Option<u64>) {
+/// Raises `peak` to the server's current RSS.
+pub(crate) fn track_peak(target: &Target, peak: &mut Option<u64>) {
     if let Some(s) = target.sample() {
         *peak = Some(peak.map_or(s.rss, |p| p.max(s.rss)));
     }
@@ -183,6 +190,7 @@ pub fn run(target: &mut Target, plan: &Plan, opts: &ClientOpts) -> Result<RunDat
             churn_rate: 0.0,
             churn_hold: Duration::ZERO,
             publish: None,
+            track_offsets: false,
         };
         let mut workers = Workers::spawn(&specs(target, &warm, opts))?;
         while !workers.all_ready() {

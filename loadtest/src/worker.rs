@@ -5,150 +5,36 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::Result;
-use crate::conn::{self, Fail, FrameCounts, Reply, WsConn};
+use crate::conn::{self, End, Fail, FrameCounts, Reply, WsConn};
 use crate::histo;
+use crate::offsets::{Ending, OffsetLog, Ranges, Tally};
 use crate::target::ProcSample;
 use crate::wire::{self, ServerText};
+
+mod churn;
+mod proto;
+
+pub use proto::{Command, Progress, Report, WorkerResult, WorkerSpec};
 
 /// How often a worker reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
+/// Longest drain of a worker that tracks offsets: its drain deadline moves on while
+/// deliveries still arrive (a flood can leave a backlog of many seconds), up to this.
+pub const TRACKED_DRAIN_CAP: Duration = Duration::from_secs(60);
+
+/// The close code of a slow consumer (RFC 6455 §7.4.1 "Try Again Later").
+const SLOW_CONSUMER: u16 = 1013;
+
 /// How often the drain phase checks whether every subscriber has everything.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
-
-/// What one worker process is asked to do (first line of its stdin).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerSpec {
-    /// The server.
-    pub addr: SocketAddr,
-    /// Upgrade path.
-    pub path: String,
-    /// Global index of this worker's first connection (topic and source address spread).
-    pub first: usize,
-    /// Connections this worker opens and keeps (regular and slow).
-    pub count: usize,
-    /// Topics `PREFIX:0 .. PREFIX:T-1`; connection `i` subscribes to `i % T`.
-    pub topics: usize,
-    /// Topic name prefix.
-    pub prefix: String,
-    /// Source addresses 127.0.0.1 ..= 127.0.0.k.
-    pub source_addrs: u8,
-    /// Connection attempts in flight at once.
-    pub concurrency: usize,
-    /// Fraction of connections that stop reading once subscribed.
-    pub slow_fraction: f64,
-    /// `SO_RCVBUF` of slow connections (0 = kernel default).
-    pub slow_rcvbuf: usize,
-    /// Connects per second this worker adds while churn runs.
-    pub churn_rate: f64,
-    /// How long a churn connection stays subscribed before closing.
-    pub churn_hold_ms: u64,
-    /// Connect + upgrade + subscribe deadline.
-    pub timeout_ms: u64,
-}
-
-impl WorkerSpec {
-    /// Whether global connection `i` is one of the slow ones: spread evenly, so that a
-    /// fraction f marks exactly ⌊N·f⌋ of any prefix of N connections.
-    pub fn is_slow(&self, i: usize) -> bool {
-        let f = self.slow_fraction;
-        f > 0.0 && ((i + 1) as f64 * f).floor() > (i as f64 * f).floor()
-    }
-
-    /// The topic connection `i` subscribes to.
-    pub fn topic(&self, i: usize) -> String {
-        format!("{}:{}", self.prefix, i % self.topics.max(1))
-    }
-}
-
-/// Coordinator → worker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Command {
-    /// Start opening and closing churn connections.
-    ChurnStart,
-    /// Stop starting churn connections (open ones finish their hold).
-    ChurnStop,
-    /// Publishing is over: `published[t]` publications went to topic `t`. Wait up to
-    /// `drain_ms` for every subscriber to have them all, then report and exit.
-    Stop {
-        /// Publications per topic index.
-        published: Vec<u64>,
-        /// Drain deadline in milliseconds.
-        drain_ms: u64,
-    },
-}
-
-/// Worker → coordinator.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "ev", rename_all = "snake_case")]
-pub enum Report {
-    /// Periodic counters.
-    Progress(Progress),
-    /// Every connection of the initial set finished connecting (or failed).
-    Ready(Progress),
-    /// Final result; the worker exits after it.
-    Result(Box<WorkerResult>),
-}
-
-/// Live counters of a worker.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct Progress {
-    /// Connections subscribed.
-    pub subscribed: u64,
-    /// Connections that failed to connect, upgrade or subscribe.
-    pub failed: u64,
-    /// Subscribed connections the server has since closed.
-    pub closed: u64,
-    /// Churn connections that subscribed.
-    pub churn_ok: u64,
-    /// Churn connections that failed.
-    pub churn_failed: u64,
-    /// Churn connections currently open.
-    pub churn_open: u64,
-    /// Milliseconds since the worker started.
-    pub elapsed_ms: u64,
-}
-
-/// Everything a worker measured.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct WorkerResult {
-    /// Final counters.
-    pub progress: Progress,
-    /// Milliseconds from start until the last initial connection subscribed.
-    pub connect_ms: u64,
-    /// Failures by kind (initial and churn connections).
-    pub fail_reasons: BTreeMap<String, u64>,
-    /// Events received by regular subscribers.
-    pub deliveries: u64,
-    /// Events whose offset was not above the last one seen on that connection.
-    pub duplicates: u64,
-    /// Events regular subscribers should have received.
-    pub expected: u64,
-    /// Expected events never received.
-    pub lost: u64,
-    /// Fragmented text frames (not measured).
-    pub fragmented: u64,
-    /// Latency histogram in µs (hdrhistogram V2, base64).
-    pub histogram: String,
-    /// How the server ended regular subscribers, by kind.
-    pub regular_closed: BTreeMap<String, u64>,
-    /// Slow subscribers in this worker.
-    pub slow_total: u64,
-    /// How slow subscribers ended up, by kind (`close 1013`, `eof`, `still open`).
-    pub slow_outcomes: BTreeMap<String, u64>,
-    /// The worker's own CPU seconds (user, system).
-    pub client_cpu_s: (f64, f64),
-}
 
 /// The life of one of the initial connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +79,10 @@ struct Shared {
     slow_outcomes: RefCell<BTreeMap<String, u64>>,
     phase: watch::Sender<Phase>,
     churn_on: Cell<bool>,
+    /// With `track_offsets`: what each initial connection received (empty otherwise).
+    logs: RefCell<Vec<OffsetLog>>,
+    /// With `track_offsets`: how each initial connection ended, once it did.
+    endings: RefCell<Vec<Option<Ending>>>,
 }
 
 impl Shared {
@@ -268,6 +158,7 @@ async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Res
             max_seen: 0,
         })
         .collect();
+    let tracked = if spec.track_offsets { spec.count } else { 0 };
     let shared = Rc::new(Shared {
         host: spec.addr.to_string(),
         spec,
@@ -285,6 +176,8 @@ async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Res
         slow_outcomes: RefCell::default(),
         phase,
         churn_on: Cell::new(false),
+        logs: RefCell::new(vec![OffsetLog::default(); tracked]),
+        endings: RefCell::new(vec![None; tracked]),
     });
     let permits = Rc::new(Semaphore::new(shared.spec.concurrency.max(1)));
     for i in 0..shared.spec.count {
@@ -292,7 +185,7 @@ async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Res
     }
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
     let mut ready_sent = false;
-    let (published, drain_ms) = loop {
+    let (published, drain_ms, accepted) = loop {
         tokio::select! {
             _ = ticker.tick() => {
                 let p = shared.snapshot();
@@ -307,21 +200,37 @@ async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Res
             cmd = rx.recv() => match cmd {
                 Some(Command::ChurnStart) => {
                     shared.churn_on.set(true);
-                    tokio::task::spawn_local(churn_driver(shared.clone()));
+                    tokio::task::spawn_local(churn::churn_driver(shared.clone()));
                 }
                 Some(Command::ChurnStop) => shared.churn_on.set(false),
-                Some(Command::Stop { published, drain_ms }) => break (published, drain_ms),
+                Some(Command::Stop { published, drain_ms, accepted }) => {
+                    break (published, drain_ms, accepted)
+                }
                 None => return Err("command channel closed".into()),
             }
         }
     };
     shared.churn_on.set(false);
     shared.phase.send_replace(Phase::Drain);
-    let deadline = Instant::now() + Duration::from_millis(drain_ms);
-    while Instant::now() < deadline && !drained(&shared, &published) {
+    let drain = Duration::from_millis(drain_ms);
+    let tracked = shared.spec.track_offsets;
+    let cap = Instant::now()
+        + if tracked {
+            drain.max(TRACKED_DRAIN_CAP)
+        } else {
+            drain
+        };
+    let mut deadline = Instant::now() + drain;
+    let mut seen = shared.deliveries.get();
+    while Instant::now() < deadline.min(cap) && !drained(&shared, &published) {
         tokio::time::sleep(DRAIN_POLL).await;
+        if tracked && shared.deliveries.get() != seen {
+            // Still receiving a backlog: the drain is measured from the last progress.
+            seen = shared.deliveries.get();
+            deadline = Instant::now() + drain;
+        }
     }
-    Ok(finish(&shared, &published))
+    Ok(finish(&shared, &published, &accepted))
 }
 
 /// Whether every live regular subscriber has all its topic's publications and every
@@ -335,7 +244,7 @@ fn drained(shared: &Shared, published: &[u64]) -> bool {
     })
 }
 
-fn finish(shared: &Shared, published: &[u64]) -> WorkerResult {
+fn finish(shared: &Shared, published: &[u64], accepted: &Ranges) -> WorkerResult {
     let mut expected = 0;
     let mut lost = 0;
     let mut slow_total = 0;
@@ -368,7 +277,27 @@ fn finish(shared: &Shared, published: &[u64]) -> WorkerResult {
         slow_total,
         slow_outcomes: shared.slow_outcomes.borrow().clone(),
         client_cpu_s: (cpu.user_s, cpu.sys_s),
+        flood: judge_all(shared, accepted),
     }
+}
+
+/// With `track_offsets`: the verdict on every regular subscriber that subscribed.
+fn judge_all(shared: &Shared, accepted: &Ranges) -> Tally {
+    let mut tally = Tally::default();
+    let logs = shared.logs.borrow();
+    let endings = shared.endings.borrow();
+    let conns = shared.conns.borrow();
+    for ((r, log), ending) in conns.iter().zip(logs.iter()).zip(endings.iter()) {
+        if r.slow || !matches!(r.state, ConnState::Subscribed | ConnState::Ended) {
+            continue;
+        }
+        let still_open = Ending::Other("still open".into());
+        let ending = ending.as_ref().unwrap_or(&still_open);
+        let topic = format!("{}:{}", shared.spec.prefix, r.topic);
+        let verdict = crate::offsets::judge(log, ending, &topic, accepted);
+        tally.add(verdict, log, accepted);
+    }
+    tally
 }
 
 /// Connect, upgrade, subscribe to `topic` and wait for `subscribed`.
@@ -381,31 +310,8 @@ async fn open_subscribed(
     let spec = &shared.spec;
     let stream = conn::connect(spec.addr, global, spec.source_addrs, rcvbuf).await?;
     let mut ws = WsConn::upgrade(stream, &shared.host, &spec.path, global as u64).await?;
-    let msg = format!(r#"{{"type":"subscribe","topics":["{topic}"]}}"#);
-    ws.send_text(msg.as_bytes()).await?;
-    let mut counts = FrameCounts::default();
-    loop {
-        let mut state = None;
-        let end = ws
-            .read_some(&shared.scratch, &mut counts, |text, _| {
-                match wire::classify(text) {
-                    ServerText::Subscribed => state = Some(Ok(())),
-                    ServerText::Error => state = Some(Err(Fail::SubscribeError)),
-                    ServerText::Ping => return Reply::Pong,
-                    _ => {}
-                }
-                Reply::None
-            })
-            .await?;
-        match state {
-            Some(Ok(())) => return Ok(ws),
-            Some(Err(e)) => return Err(e),
-            None => {}
-        }
-        if let Some(end) = end {
-            return Err(Fail::Ended(end));
-        }
-    }
+    conn::subscribe(&mut ws, &shared.scratch, topic).await?;
+    Ok(ws)
 }
 
 async fn initial_conn(shared: Rc<Shared>, permits: Rc<Semaphore>, i: usize) {
@@ -431,11 +337,21 @@ async fn initial_conn(shared: Rc<Shared>, permits: Rc<Semaphore>, i: usize) {
     shared.conns.borrow_mut()[i].state = ConnState::Subscribed;
     shared.bump(|p| p.subscribed += 1);
     shared.last_connect_ms.set(ms(shared.start.elapsed()));
-    let outcome = if slow {
+    let ended = if slow {
         slow_conn(&shared, &mut ws).await
     } else {
         regular_conn(&shared, &mut ws, i).await
     };
+    let outcome = match &ended {
+        Ok(end) => end.label(),
+        Err(fail) => fail.label(),
+    };
+    if let Some(slot) = shared.endings.borrow_mut().get_mut(i) {
+        *slot = Some(match ended {
+            Ok(End::Close(Some(SLOW_CONSUMER))) => Ending::Slow(ws.close_reason().to_vec()),
+            _ => Ending::Other(outcome.clone()),
+        });
+    }
     shared.conns.borrow_mut()[i].state = ConnState::Ended;
     let map = if slow {
         &shared.slow_outcomes
@@ -453,7 +369,11 @@ fn failed(shared: &Shared, i: usize, fail: Fail) {
 }
 
 /// Reads and measures until the server ends the connection; returns how it ended.
-async fn regular_conn(shared: &Shared, ws: &mut WsConn, i: usize) -> String {
+async fn regular_conn(
+    shared: &Shared,
+    ws: &mut WsConn,
+    i: usize,
+) -> std::result::Result<End, Fail> {
     let mut counts = FrameCounts::default();
     loop {
         let res = ws
@@ -469,8 +389,8 @@ async fn regular_conn(shared: &Shared, ws: &mut WsConn, i: usize) -> String {
         }
         match res {
             Ok(None) => {}
-            Ok(Some(end)) => return end.label(),
-            Err(fail) => return fail.label(),
+            Ok(Some(end)) => return Ok(end),
+            Err(fail) => return Err(fail),
         }
     }
 }
@@ -484,6 +404,9 @@ fn on_event(shared: &Shared, i: usize, text: &[u8], now: u64) -> Reply {
             {
                 let mut conns = shared.conns.borrow_mut();
                 let r = &mut conns[i];
+                if let Some(log) = shared.logs.borrow_mut().get_mut(i) {
+                    log.record(ev.offset, text);
+                }
                 if ev.offset <= r.max_seen {
                     shared.duplicates.set(shared.duplicates.get() + 1);
                 } else {
@@ -504,10 +427,10 @@ fn on_event(shared: &Shared, i: usize, text: &[u8], now: u64) -> Reply {
 
 /// A slow subscriber reads nothing until the drain phase, then reads everything the
 /// server sent to learn whether (and how) the server closed it.
-async fn slow_conn(shared: &Shared, ws: &mut WsConn) -> String {
+async fn slow_conn(shared: &Shared, ws: &mut WsConn) -> std::result::Result<End, Fail> {
     let mut phase = shared.phase.subscribe();
     if phase.wait_for(|p| *p >= Phase::Drain).await.is_err() {
-        return "worker stopped".into();
+        return Err(Fail::Stopped);
     }
     let mut counts = FrameCounts::default();
     loop {
@@ -516,125 +439,8 @@ async fn slow_conn(shared: &Shared, ws: &mut WsConn) -> String {
             .await
         {
             Ok(None) => {}
-            Ok(Some(end)) => return end.label(),
-            Err(fail) => return fail.label(),
+            Ok(Some(end)) => return Ok(end),
+            Err(fail) => return Err(fail),
         }
-    }
-}
-
-/// Opens churn connections at the spec's rate while churn is on.
-async fn churn_driver(shared: Rc<Shared>) {
-    let rate = shared.spec.churn_rate;
-    if rate <= 0.0 {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut k = 0usize;
-    while shared.churn_on.get() {
-        tick.tick().await;
-        if !shared.churn_on.get() {
-            break;
-        }
-        tokio::task::spawn_local(churn_conn(shared.clone(), k));
-        k += 1;
-    }
-}
-
-/// One churn connection: subscribe, stay for the hold time, then leave — cleanly with a
-/// close frame for even `k`, abruptly (TCP close, no close frame) for odd `k`.
-async fn churn_conn(shared: Rc<Shared>, k: usize) {
-    let global = shared.spec.first + shared.spec.count + k;
-    let topic = shared.spec.topic(global);
-    let timeout = Duration::from_millis(shared.spec.timeout_ms);
-    let mut ws =
-        match tokio::time::timeout(timeout, open_subscribed(&shared, global, &topic, 0)).await {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(fail)) => {
-                shared.bump(|p| p.churn_failed += 1);
-                return Shared::count(&shared.fail_reasons, format!("churn {}", fail.label()));
-            }
-            Err(_) => {
-                shared.bump(|p| p.churn_failed += 1);
-                return Shared::count(&shared.fail_reasons, "churn timeout".into());
-            }
-        };
-    shared.bump(|p| {
-        p.churn_ok += 1;
-        p.churn_open += 1;
-    });
-    let hold = Duration::from_millis(shared.spec.churn_hold_ms);
-    let mut counts = FrameCounts::default();
-    let ended_early = tokio::time::timeout(hold, async {
-        loop {
-            match ws
-                .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
-                .await
-            {
-                Ok(None) => {}
-                Ok(Some(_)) | Err(_) => return,
-            }
-        }
-    })
-    .await
-    .is_ok();
-    if ended_early {
-        Shared::count(&shared.fail_reasons, "churn closed by server".into());
-    } else if k.is_multiple_of(2) && ws.send_close(1000).await.is_ok() {
-        // Wait briefly for the server's close echo (RFC 6455 §5.5.1), then drop.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match ws
-                    .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
-                    .await
-                {
-                    Ok(None) => {}
-                    Ok(Some(_)) | Err(_) => return,
-                }
-            }
-        })
-        .await;
-    }
-    drop(ws);
-    shared.bump(|p| p.churn_open -= 1);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(f: f64) -> WorkerSpec {
-        WorkerSpec {
-            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
-            path: "/ws".into(),
-            first: 0,
-            count: 0,
-            topics: 3,
-            prefix: "bench".into(),
-            source_addrs: 1,
-            concurrency: 1,
-            slow_fraction: f,
-            slow_rcvbuf: 0,
-            churn_rate: 0.0,
-            churn_hold_ms: 0,
-            timeout_ms: 0,
-        }
-    }
-
-    #[test]
-    fn slow_fraction_is_exact_and_spread() {
-        let s = spec(0.1);
-        let slow: Vec<usize> = (0..100).filter(|&i| s.is_slow(i)).collect();
-        assert_eq!(slow.len(), 10);
-        assert_eq!(slow[0], 9);
-        assert_eq!(slow[1], 19);
-        assert!(!(0..100).any(|i| spec(0.0).is_slow(i)));
-        assert!((0..100).all(|i| spec(1.0).is_slow(i)));
-    }
-
-    #[test]
-    fn topics_round_robin() {
-        let s = spec(0.0);
-        assert_eq!(s.topic(4), "bench:1");
     }
 }
