@@ -195,6 +195,8 @@ pub struct Connection {
     pub limiter: RateLimiter,
     /// Whether the socket is registered for writability (only while frames are queued).
     pub write_interest: bool,
+    /// The client's place under `max_connections_per_ip`, given back with the connection.
+    pub peer: crate::net::IpSlot,
 }
 
 impl Connection {
@@ -206,6 +208,7 @@ impl Connection {
         max_queued: usize,
         now: u64,
         limiter: RateLimiter,
+        peer: crate::net::IpSlot,
     ) -> Connection {
         Connection {
             stream,
@@ -226,6 +229,7 @@ impl Connection {
             close_deadline: None,
             limiter,
             write_interest: false,
+            peer,
         }
     }
 

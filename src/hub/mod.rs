@@ -119,6 +119,8 @@ pub enum Job {
         mode: Mode,
         /// A topic to subscribe at once (snapshot first), for `GET /ws/{app}/{profile}`.
         subscribe: Option<String>,
+        /// The client's place under `max_connections_per_ip`, given back when dropped.
+        peer: crate::net::IpSlot,
     },
     /// Close every connection, after the publications queued before this job.
     CloseAll {
@@ -258,6 +260,7 @@ impl Hub {
         leftover: Vec<u8>,
         mode: Mode,
         subscribe: Option<String>,
+        peer: crate::net::IpSlot,
     ) {
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
         self.shards[shard].send(Job::Register {
@@ -265,6 +268,7 @@ impl Hub {
             leftover,
             mode,
             subscribe,
+            peer,
         });
     }
 

@@ -1,0 +1,312 @@
+//! Per-source-address accounting and the trusted-proxy rule that says which address a
+//! connection counts against. Plain data structures, no sockets.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use http::header::HeaderName;
+use ipnet::IpNet;
+use parking_lot::Mutex;
+
+use crate::Config;
+
+/// Counts what each address holds against a per-address cap. An address's entry exists
+/// only while it holds something, so the table is as large as the number of distinct
+/// addresses currently connected, never the number ever seen.
+#[derive(Debug)]
+pub struct PerIp {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// A table allowing `max` per address; 0 means no limit (and no accounting).
+    pub fn new(max: usize) -> Arc<PerIp> {
+        Arc::new(PerIp {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes one place for `ip`, or `None` if it already holds `max`.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        if self.max == 0 {
+            return Some(IpSlot::unlimited());
+        }
+        let ip = ip.to_canonical();
+        let mut counts = self.counts.lock();
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            if *count == 0 {
+                // Only reachable with max == 0, handled above; never leave an empty entry.
+                counts.remove(&ip);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            held: Some((self.clone(), ip)),
+        })
+    }
+
+    /// How many places `ip` holds.
+    #[cfg(test)]
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.counts
+            .lock()
+            .get(&ip.to_canonical())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many addresses hold a place.
+    #[cfg(test)]
+    pub fn addresses(&self) -> usize {
+        self.counts.lock().len()
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self.counts.lock();
+        if let Some(count) = counts.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One place held in a [`PerIp`] table; dropping it gives the place back.
+///
+/// The WebSocket connection's slot travels with the socket into its shard and is dropped
+/// with the connection, so the per-address count follows the connection's life exactly.
+#[derive(Debug, Default)]
+pub struct IpSlot {
+    held: Option<(Arc<PerIp>, IpAddr)>,
+}
+
+impl IpSlot {
+    /// A slot that counts against nothing (the limit is off, or the peer is exempt).
+    pub fn unlimited() -> IpSlot {
+        IpSlot { held: None }
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Some((table, ip)) = self.held.take() {
+            table.release(ip);
+        }
+    }
+}
+
+/// The peers trusted to name the client in the forwarded header, and that header.
+#[derive(Debug, Clone)]
+pub struct Proxies {
+    nets: Vec<IpNet>,
+    header: HeaderName,
+}
+
+impl Proxies {
+    /// Parses `trusted_proxies` (addresses or CIDR blocks) and `forwarded_header`; a bad
+    /// entry is an `InvalidInput` error naming the key.
+    pub fn from_config(config: &Config) -> io::Result<Proxies> {
+        let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
+        let nets = config
+            .trusted_proxies
+            .iter()
+            .map(|entry| parse_net(entry).ok_or_else(|| {
+                invalid(format!(
+                    "invalid configuration: trusted_proxies: {entry:?} is not an IP address or CIDR block"
+                ))
+            }))
+            .collect::<io::Result<Vec<_>>>()?;
+        let header =
+            HeaderName::from_bytes(config.forwarded_header.trim().as_bytes()).map_err(|_| {
+                invalid(format!(
+                    "invalid configuration: forwarded_header: {:?} is not a header name",
+                    config.forwarded_header
+                ))
+            })?;
+        Ok(Proxies { nets, header })
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.nets.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client a request from `peer` counts against: `peer` itself unless it is a
+    /// trusted proxy; then the rightmost address of the forwarded header that is not itself
+    /// a trusted proxy (proxies append the address they received from, so everything to
+    /// the left of the first untrusted hop may be forged by the client). A missing or
+    /// unparsable header falls back to `peer`.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        // Repeated headers are one list, in order (RFC 9110 §5.3).
+        let mut hops: Vec<&str> = Vec::new();
+        for value in headers.get_all(&self.header) {
+            let Ok(text) = value.to_str() else {
+                return peer;
+            };
+            hops.extend(text.split(','));
+        }
+        let mut client = None;
+        for hop in hops.iter().rev() {
+            let Some(ip) = parse_hop(hop) else {
+                // An unparsable hop ends what can be believed.
+                break;
+            };
+            client = Some(ip);
+            if !self.is_trusted(ip) {
+                break;
+            }
+        }
+        client.unwrap_or(peer)
+    }
+}
+
+/// An address (`10.0.0.1`) or a CIDR block (`10.0.0.0/8`).
+fn parse_net(entry: &str) -> Option<IpNet> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpNet>()
+        .ok()
+        .or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// One hop of an `X-Forwarded-For` list: an address, perhaps bracketed or with a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    hop.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|addr| addr.ip().to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn proxies(list: &[&str]) -> Proxies {
+        let config =
+            Config::default().trusted_proxies(list.iter().map(|s| s.to_string()).collect());
+        Proxies::from_config(&config).unwrap()
+    }
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn slots_count_and_entries_go_at_zero() {
+        let table = PerIp::new(2);
+        let a = ip("192.0.2.1");
+        let one = table.try_acquire(a).unwrap();
+        let two = table.try_acquire(a).unwrap();
+        assert!(table.try_acquire(a).is_none());
+        assert!(table.try_acquire(ip("192.0.2.2")).is_some());
+        assert_eq!(table.count(a), 2);
+        drop(one);
+        let three = table.try_acquire(a).unwrap();
+        drop((two, three));
+        assert_eq!(table.count(a), 0);
+        assert_eq!(
+            table.addresses(),
+            0,
+            "an address holding nothing has no entry"
+        );
+    }
+
+    #[test]
+    fn mapped_v4_counts_as_v4() {
+        let table = PerIp::new(1);
+        let _slot = table.try_acquire(ip("::ffff:192.0.2.1")).unwrap();
+        assert!(table.try_acquire(ip("192.0.2.1")).is_none());
+    }
+
+    #[test]
+    fn zero_is_no_limit() {
+        let table = PerIp::new(0);
+        let slots: Vec<_> = (0..100)
+            .map(|_| table.try_acquire(ip("192.0.2.1")))
+            .collect();
+        assert!(slots.iter().all(Option::is_some));
+        assert_eq!(table.addresses(), 0);
+    }
+
+    #[test]
+    fn bad_proxy_entries_name_the_key() {
+        for bad in ["10.0.0.0/33", "proxy.local", "10.0.0.1/"] {
+            let config = Config::default().trusted_proxies(vec![bad.to_string()]);
+            let e = Proxies::from_config(&config).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("trusted_proxies"), "{e}");
+        }
+        let config = Config::default().forwarded_header("bad header".to_string());
+        let e = Proxies::from_config(&config).unwrap_err();
+        assert!(e.to_string().contains("forwarded_header"), "{e}");
+    }
+
+    #[test]
+    fn client_is_the_rightmost_untrusted_hop() {
+        let p = proxies(&["10.0.0.0/8", "192.0.2.7"]);
+        let proxy = ip("10.1.2.3");
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(
+            p.client(ip("198.51.100.1"), &xff(&["203.0.113.9"])),
+            ip("198.51.100.1")
+        );
+        assert_eq!(p.client(proxy, &xff(&["203.0.113.9"])), ip("203.0.113.9"));
+        // A forged left part is ignored: the last untrusted hop is the client.
+        assert_eq!(
+            p.client(proxy, &xff(&["1.1.1.1, 203.0.113.9, 10.9.9.9"])),
+            ip("203.0.113.9")
+        );
+        // Repeated headers are one list.
+        assert_eq!(
+            p.client(proxy, &xff(&["1.1.1.1", "203.0.113.9, 192.0.2.7"])),
+            ip("203.0.113.9")
+        );
+        // Ports and brackets.
+        assert_eq!(
+            p.client(proxy, &xff(&["203.0.113.9:1234"])),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            p.client(proxy, &xff(&["[2001:db8::1]:80"])),
+            ip("2001:db8::1")
+        );
+        // Missing or garbage falls back to the peer.
+        assert_eq!(p.client(proxy, &HeaderMap::new()), proxy);
+        assert_eq!(p.client(proxy, &xff(&["unknown"])), proxy);
+        // Only trusted hops: the leftmost of them is as far as can be seen.
+        assert_eq!(
+            p.client(proxy, &xff(&["10.0.0.1, 10.0.0.2"])),
+            ip("10.0.0.1")
+        );
+        // Garbage to the left of a good hop stops the walk at the good hop.
+        assert_eq!(
+            p.client(proxy, &xff(&["garbage, 10.0.0.5"])),
+            ip("10.0.0.5")
+        );
+    }
+}
