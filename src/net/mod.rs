@@ -2,6 +2,7 @@
 //! hub's shards.
 
 mod accept;
+mod framing;
 mod limits;
 
 use std::convert::Infallible;
@@ -33,6 +34,7 @@ use accept::{
     ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_PAUSE, ErrorLog, Reserve, TOO_MANY_HANDSHAKES,
     is_out_of_descriptors, refuse,
 };
+use framing::{RequestHeads, Sniffed};
 pub use limits::IpSlot;
 use limits::{PerIp, Proxies};
 
@@ -307,21 +309,32 @@ async fn serve_http(
     _held: (OwnedSemaphorePermit, IpSlot),
 ) {
     let in_progress = Arc::new(InProgress::default());
+    let heads = Arc::new(parking_lot::Mutex::new(RequestHeads::default()));
     let request_timeout = hub.config().request_timeout;
     let stop = ctx.stop.clone();
     let service = {
         let hub = hub.clone();
         let tracker = tracker.clone();
         let in_progress = in_progress.clone();
+        let heads = heads.clone();
         hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             let busy = Busy::enter(&in_progress);
+            let conflicting_lengths = heads.lock().next_conflict();
             let hub = hub.clone();
             let tracker = tracker.clone();
             req.extensions_mut().insert(ctx.clone());
             async move {
-                let response = tokio::time::timeout(request_timeout, route(&hub, &tracker, req))
-                    .await
-                    .unwrap_or_else(|_| request_timeout_response());
+                let response = if conflicting_lengths {
+                    closing(error_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "a request may not carry both Content-Length and Transfer-Encoding",
+                    ))
+                } else {
+                    tokio::time::timeout(request_timeout, route(&hub, &tracker, req))
+                        .await
+                        .unwrap_or_else(|_| request_timeout_response())
+                };
                 let (parts, body) = response.into_parts();
                 Ok::<_, Infallible>(Response::from_parts(
                     parts,
@@ -333,7 +346,7 @@ async fn serve_http(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(hub.config().handshake_timeout)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(Sniffed::new(stream, heads)), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -432,7 +445,7 @@ pub fn upgrade(
                 return;
             }
         };
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        let Ok(parts) = upgraded.downcast::<TokioIo<Sniffed<TcpStream>>>() else {
             tracing::error!("upgraded connection is not a TcpStream");
             hub.release_unused();
             return;
@@ -441,7 +454,7 @@ pub fn upgrade(
         let leftover = parts.read_buf.to_vec();
         drop(parts.read_buf);
         // Out of tokio's reactor and into a shard's: the socket stays non-blocking.
-        match parts.io.into_inner().into_std() {
+        match parts.io.into_inner().into_inner().into_std() {
             Ok(stream) => hub.register(stream, leftover, mode, subscribe, slot),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot take the socket back");
