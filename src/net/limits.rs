@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use http::HeaderMap;
 use http::header::HeaderName;
@@ -16,10 +16,34 @@ use crate::Config;
 /// Counts what each address holds against a per-address cap. An address's entry exists
 /// only while it holds something, so the table is as large as the number of distinct
 /// addresses currently connected, never the number ever seen.
+///
+/// The count is the number of [`IpSlot`]s sharing the address's [`Entry`], so a slot is
+/// one pointer: it is stored on every WebSocket connection, whose size is budgeted.
 #[derive(Debug)]
 pub struct PerIp {
     max: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    entries: Mutex<HashMap<IpAddr, Weak<Entry>>>,
+}
+
+/// One address's share of a [`PerIp`] table; removes itself when its last slot goes.
+#[derive(Debug)]
+struct Entry {
+    ip: IpAddr,
+    table: Arc<PerIp>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let mut entries = self.table.entries.lock();
+        // A new entry for the address may have been made since the last slot went; it is
+        // not this one's to remove.
+        if entries
+            .get(&self.ip)
+            .is_some_and(|e| std::ptr::eq(e.as_ptr(), self))
+        {
+            entries.remove(&self.ip);
+        }
+    }
 }
 
 impl PerIp {
@@ -27,7 +51,7 @@ impl PerIp {
     pub fn new(max: usize) -> Arc<PerIp> {
         Arc::new(PerIp {
             max,
-            counts: Mutex::new(HashMap::new()),
+            entries: Mutex::new(HashMap::new()),
         })
     }
 
@@ -37,45 +61,44 @@ impl PerIp {
             return Some(IpSlot::unlimited());
         }
         let ip = ip.to_canonical();
-        let mut counts = self.counts.lock();
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= self.max {
-            if *count == 0 {
-                // Only reachable with max == 0, handled above; never leave an empty entry.
-                counts.remove(&ip);
+        let mut entries = self.entries.lock();
+        if let Some(entry) = entries.get(&ip).and_then(Weak::upgrade) {
+            // Slots are dropped outside the lock, so the count may fall meanwhile; it
+            // never rises, since places are only taken under the lock.
+            if Arc::strong_count(&entry) > self.max {
+                // The other slots may all have gone meanwhile, making this the last
+                // reference: the entry's drop takes the lock, so release it first.
+                drop(entries);
+                drop(entry);
+                return None;
             }
-            return None;
+            return Some(IpSlot {
+                _entry: Some(entry),
+            });
         }
-        *count += 1;
+        let entry = Arc::new(Entry {
+            ip,
+            table: self.clone(),
+        });
+        entries.insert(ip, Arc::downgrade(&entry));
         Some(IpSlot {
-            held: Some((self.clone(), ip)),
+            _entry: Some(entry),
         })
     }
 
     /// How many places `ip` holds.
     #[cfg(test)]
     pub fn count(&self, ip: IpAddr) -> usize {
-        self.counts
+        self.entries
             .lock()
             .get(&ip.to_canonical())
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, Weak::strong_count)
     }
 
     /// How many addresses hold a place.
     #[cfg(test)]
     pub fn addresses(&self) -> usize {
-        self.counts.lock().len()
-    }
-
-    fn release(&self, ip: IpAddr) {
-        let mut counts = self.counts.lock();
-        if let Some(count) = counts.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&ip);
-            }
-        }
+        self.entries.lock().len()
     }
 }
 
@@ -85,21 +108,14 @@ impl PerIp {
 /// with the connection, so the per-address count follows the connection's life exactly.
 #[derive(Debug, Default)]
 pub struct IpSlot {
-    held: Option<(Arc<PerIp>, IpAddr)>,
+    /// Held only to be dropped: the entry's count is the number of its slots.
+    _entry: Option<Arc<Entry>>,
 }
 
 impl IpSlot {
     /// A slot that counts against nothing (the limit is off, or the peer is exempt).
     pub fn unlimited() -> IpSlot {
-        IpSlot { held: None }
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        if let Some((table, ip)) = self.held.take() {
-            table.release(ip);
-        }
+        IpSlot { _entry: None }
     }
 }
 
@@ -234,6 +250,52 @@ mod tests {
             0,
             "an address holding nothing has no entry"
         );
+    }
+
+    #[test]
+    fn a_slot_is_one_pointer() {
+        assert_eq!(std::mem::size_of::<IpSlot>(), std::mem::size_of::<usize>());
+    }
+
+    #[test]
+    fn slots_released_on_other_threads_keep_the_count() {
+        let table = PerIp::new(8);
+        let a = ip("192.0.2.1");
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let table = table.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        let slot = table.try_acquire(a);
+                        assert!(slot.is_some(), "8 threads never hold more than 8");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(table.addresses(), 0);
+    }
+
+    #[test]
+    fn refusals_racing_releases_do_not_deadlock() {
+        let table = PerIp::new(1);
+        let a = ip("192.0.2.1");
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let table = table.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        drop(table.try_acquire(a));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(table.addresses(), 0);
     }
 
     #[test]
