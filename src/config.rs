@@ -134,7 +134,8 @@ pub struct Config {
     /// The longest one HTTP request may take, from its complete head to its response (the
     /// head itself is bounded by `handshake_timeout`); past it the answer is `408
     /// request_timeout` and the connection closes. Bounds what a request can hold,
-    /// whatever it waits for.
+    /// whatever it waits for. A response the client stops reading for this long (no byte
+    /// of it accepted by the socket) ends the connection too.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Most HTTP connections not yet upgraded from one source address. A connection past

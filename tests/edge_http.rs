@@ -137,6 +137,36 @@ async fn one_address_cannot_take_every_handshake() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_responses_is_dropped() {
+    // One handshake place, so the next client is served only once the first is gone.
+    let config = Config::default()
+        .max_handshakes(1)
+        .request_timeout(Duration::from_millis(300));
+    let gw = TestGateway::start(config).await;
+    // Responses of about 900 KB: ten of them are far more than the socket buffers hold.
+    let event = format!("\"{}\"", "x".repeat(900 * 1024));
+    publish_ok(gw.addr, "edge:big", event.as_bytes()).await;
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut reader = within("connect", socket.connect(gw.addr))
+        .await
+        .expect("connect");
+    let poll = format!(
+        "GET /v1/topics/edge:big/events?since=0 HTTP/1.1\r\nHost: {}\r\n\r\n",
+        gw.addr
+    );
+    reader
+        .write_all(poll.repeat(10).as_bytes())
+        .await
+        .expect("write");
+    // It never reads; once its writes have stalled for request_timeout it is dropped and
+    // its place goes to the next client.
+    let health = http_get(gw.addr, "/healthz").await;
+    assert_eq!(health.status, 200, "{health:?}");
+    drop(reader);
+}
+
+#[tokio::test]
 async fn per_address_websocket_cap_is_released_when_a_connection_ends() {
     let config = Config::default().max_connections_per_ip(2);
     let gw = TestGateway::start(config).await;

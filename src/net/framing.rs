@@ -9,14 +9,20 @@
 //! request head, in order; the service takes them with [`RequestHeads::next_conflict`] as
 //! hyper hands it each request. Bytes that cannot be framed stop the tracking (every later
 //! verdict is "no conflict"): hyper refuses such input itself.
+//!
+//! The same socket wrapper, [`Sniffed`], bounds how long a write may stall.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// The largest request head followed: hyper's default read buffer limit
 /// (`8192 + 4096 * 100`), so any head hyper can parse is seen whole.
@@ -229,17 +235,52 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// A socket whose inbound bytes are followed by a shared [`RequestHeads`].
+/// An HTTP connection's socket: its inbound bytes are followed by a shared
+/// [`RequestHeads`], and a write that makes no progress for `write_stall` fails, so a
+/// client that stops reading its responses cannot hold the connection (and its
+/// handshake place) forever; hyper has no write deadline of its own.
 #[derive(Debug)]
 pub struct Sniffed<S> {
     inner: S,
     heads: Arc<Mutex<RequestHeads>>,
+    write_stall: Duration,
+    stalled_since: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Sniffed<S> {
     /// Wraps `inner`, feeding what is read from it to `heads`.
-    pub fn new(inner: S, heads: Arc<Mutex<RequestHeads>>) -> Sniffed<S> {
-        Sniffed { inner, heads }
+    pub fn new(inner: S, heads: Arc<Mutex<RequestHeads>>, write_stall: Duration) -> Sniffed<S> {
+        Sniffed {
+            inner,
+            heads,
+            write_stall,
+            stalled_since: None,
+        }
+    }
+
+    /// Passes a write-side poll result through, failing it once writes have been
+    /// pending for `write_stall`.
+    fn watch<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled_since = None;
+            return polled;
+        }
+        let write_stall = self.write_stall;
+        let timer = self
+            .stalled_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(write_stall)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled_since = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading its responses",
+            )));
+        }
+        Poll::Pending
     }
 
     /// The socket back, for the WebSocket hand-off.
@@ -270,11 +311,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(polled, cx)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(polled, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -286,7 +331,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -346,7 +346,10 @@ async fn serve_http(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(hub.config().handshake_timeout)
-        .serve_connection(TokioIo::new(Sniffed::new(stream, heads)), service)
+        .serve_connection(
+            TokioIo::new(Sniffed::new(stream, heads, request_timeout)),
+            service,
+        )
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
