@@ -401,7 +401,10 @@ GET /e HTTP/1.1\r\nHost: x\r\n\r\n";
     proptest::proptest! {
         /// Arbitrary input never panics, and splitting it never changes the verdicts.
         #[test]
-        fn splits_do_not_matter(input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), step in 1usize..40) {
+        fn splits_do_not_matter(
+            input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            step in 1usize..40,
+        ) {
             let mut framed = PIPELINE.to_vec();
             framed.extend_from_slice(&input);
             proptest::prop_assert_eq!(verdicts(&framed, step), verdicts(&framed, framed.len()));

@@ -131,15 +131,16 @@ impl Proxies {
     /// entry is an `InvalidInput` error naming the key.
     pub fn from_config(config: &Config) -> io::Result<Proxies> {
         let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
-        let nets = config
-            .trusted_proxies
-            .iter()
-            .map(|entry| parse_net(entry).ok_or_else(|| {
+        let mut nets = Vec::with_capacity(config.trusted_proxies.len());
+        for entry in &config.trusted_proxies {
+            let net = parse_net(entry).ok_or_else(|| {
                 invalid(format!(
-                    "invalid configuration: trusted_proxies: {entry:?} is not an IP address or CIDR block"
+                    "invalid configuration: trusted_proxies: {entry:?} is not an IP \
+                     address or CIDR block"
                 ))
-            }))
-            .collect::<io::Result<Vec<_>>>()?;
+            })?;
+            nets.push(net);
+        }
         let header =
             HeaderName::from_bytes(config.forwarded_header.trim().as_bytes()).map_err(|_| {
                 invalid(format!(

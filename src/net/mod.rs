@@ -199,15 +199,17 @@ pub async fn serve(
                         body_timeout: config.body_timeout,
                         stop: stop.clone(),
                     };
-                    tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), ctx, (permit, slot)));
+                    let held = (permit, slot);
+                    tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), ctx, held));
                 }
                 Err(e) => {
                     drop(permit);
                     // Out of descriptors: refuse one waiting client with the reserve rather
                     // than leave it hanging (and the listener readable) until one frees.
-                    let shed = is_out_of_descriptors(&e) && reserve.shed_one(&listener).await;
+                    let shed =
+                        is_out_of_descriptors(&e) && reserve.shed_one(&listener).await;
                     if let Some(count) = errors.record(std::time::Instant::now()) {
-                        tracing::warn!(error = %e, count, "accept failed ({count} since the last report)");
+                        tracing::warn!(error = %e, count, "accept failed (count: since last line)");
                     }
                     if !shed {
                         tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
