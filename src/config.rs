@@ -129,22 +129,31 @@ pub struct Config {
     /// connections together; a connection that would pass it is closed with 1013.
     pub max_inbound_buffered_bytes: usize,
     /// How long a client has to send a request body once its head arrived (between the head
-    /// and the last byte of the body).
+    /// and the last byte of the body). Past it the answer is `408 request_timeout` and the
+    /// connection closes, so a body that stalls holds its `max_handshakes` place this long
+    /// at most. Longer suits slow uplinks sending large publications.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
-    /// The longest one HTTP request may take, from its first byte to its response.
+    /// The longest one HTTP request may take, from its complete head to its response (the
+    /// head itself is bounded by `handshake_timeout`); past it the answer is `408
+    /// request_timeout` and the connection closes. Bounds what a request can hold,
+    /// whatever it waits for. A response the client stops reading for this long (no byte
+    /// of it accepted by the socket) ends the connection too.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Most HTTP connections not yet upgraded from one source address. A connection past
-    /// it is answered `503` and closed at once, so one address cannot take the whole
-    /// `max_handshakes` budget. 0 turns the limit off.
+    /// it is answered `503 too_many_handshakes` and closed at once, so one address cannot
+    /// take the whole `max_handshakes` budget. Trusted proxies are exempt (they carry many
+    /// clients). 0 turns the limit off.
     pub max_handshakes_per_ip: usize,
-    /// Most WebSocket connections from one source address; past it an upgrade gets `503
-    /// too_many_connections`. 0 turns the limit off.
+    /// Most WebSocket connections from one client address (behind a trusted proxy, the
+    /// client it names); past it an upgrade gets `503 too_many_connections` with
+    /// `Retry-After`. 0 turns the limit off.
     pub max_connections_per_ip: usize,
     /// Peers (addresses or CIDR blocks, `10.0.0.0/8`) trusted to name the client in
     /// `forwarded_header`. For a connection from one of them, per-address limits apply to
-    /// the client it names, not to the proxy.
+    /// the client it names, not to the proxy. An entry that is neither makes `serve` fail
+    /// with an error naming this key.
     pub trusted_proxies: Vec<String>,
     /// The header a trusted proxy names the client in (`X-Forwarded-For` style: the last
     /// address not itself a trusted proxy is the client).

@@ -475,8 +475,10 @@ fn state_written(result: Result<StateWritten, PublishError>) -> Response<Full<By
 }
 
 /// Reads a body of at most `limit` bytes; more is a 413 before reading it all when the
-/// length is announced.
+/// length is announced. A body that takes longer than `body_timeout` is a 408, and one
+/// still arriving when shutdown starts a 503; both close the connection.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+    let deadline = crate::net::BodyDeadline::of(&req);
     let too_large = || publish_error(&PublishError::TooLarge { limit });
     let announced = req
         .headers()
@@ -486,7 +488,18 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    let read = tokio::time::timeout(
+        deadline.timeout,
+        Limited::new(req.into_body(), limit).collect(),
+    );
+    let read = tokio::select! {
+        read = read => read,
+        () = deadline.stop.cancelled() => return Err(crate::net::shutting_down_response()),
+    };
+    let Ok(read) = read else {
+        return Err(crate::net::request_timeout_response());
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(error_response(

@@ -197,6 +197,8 @@ pub struct Connection {
     pub write_interest: bool,
     /// `queued_bytes()` and `inbound_bytes()` as last added to the shard's budgets.
     pub accounted: (u32, u32),
+    /// The client's place under `max_connections_per_ip`, given back with the connection.
+    pub peer: crate::hub::peers::IpSlot,
 }
 
 impl Connection {
@@ -208,6 +210,7 @@ impl Connection {
         max_queued: usize,
         now: u64,
         limiter: RateLimiter,
+        peer: crate::hub::peers::IpSlot,
     ) -> Connection {
         Connection {
             stream,
@@ -229,6 +232,7 @@ impl Connection {
             limiter,
             write_interest: false,
             accounted: (0, 0),
+            peer,
         }
     }
 
@@ -605,8 +609,8 @@ mod tests {
 
     /// docs/ARCHITECTURE.md states this size; an idle connection costs its slab entry.
     #[test]
-    fn a_connection_is_208_bytes() {
-        assert_eq!(std::mem::size_of::<Connection>(), 208);
+    fn a_connection_is_216_bytes() {
+        assert_eq!(std::mem::size_of::<Connection>(), 216);
     }
 
     #[test]

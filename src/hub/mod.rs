@@ -8,6 +8,7 @@
 mod backlog;
 pub mod connection;
 pub mod index;
+pub mod peers;
 mod requests;
 pub mod shard;
 pub mod topics;
@@ -147,6 +148,8 @@ pub enum Job {
         mode: Mode,
         /// A topic to subscribe at once (snapshot first), for `GET /ws/{app}/{profile}`.
         subscribe: Option<String>,
+        /// The client's place under `max_connections_per_ip`, given back when dropped.
+        peer: crate::hub::peers::IpSlot,
     },
     /// Close every connection, after the publications queued before this job.
     CloseAll {
@@ -308,6 +311,7 @@ impl Hub {
         leftover: Vec<u8>,
         mode: Mode,
         subscribe: Option<String>,
+        peer: crate::hub::peers::IpSlot,
     ) {
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
         self.shards[shard].send(Job::Register {
@@ -315,6 +319,7 @@ impl Hub {
             leftover,
             mode,
             subscribe,
+            peer,
         });
     }
 

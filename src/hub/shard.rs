@@ -211,7 +211,8 @@ impl Shard {
                 leftover,
                 mode,
                 subscribe,
-            } => self.register(stream, &leftover, mode, subscribe),
+                peer,
+            } => self.register(stream, &leftover, mode, subscribe, peer),
             Job::CloseAll { code, reason } => {
                 // Everything accepted before shutdown goes out before the close frames.
                 self.serve_pending(usize::MAX);
@@ -410,6 +411,7 @@ impl Shard {
         leftover: &[u8],
         mode: Mode,
         subscribe_to: Option<String>,
+        peer: crate::hub::peers::IpSlot,
     ) {
         let mut stream = mio::net::TcpStream::from_std(stream);
         let clock_ms = self.now_ms();
@@ -438,7 +440,7 @@ impl Shard {
         let now = self.wheel.now();
         let limiter = RateLimiter::new(config.rate_limit, clock_ms);
         entry.insert(Connection::new(
-            stream, generation, mode, max_queued, now, limiter,
+            stream, generation, mode, max_queued, now, limiter, peer,
         ));
         let slot = slot as SlotId;
         tracing::debug!(slot, generation, ?mode, "websocket open");

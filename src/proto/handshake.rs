@@ -44,6 +44,10 @@ pub enum HandshakeError {
     /// §4.2.2 item 1: the server may refuse an Origin it does not serve.
     #[error("this Origin is not allowed")]
     OriginForbidden,
+    /// RFC 6454 §7.3: "The user agent MUST NOT include more than one Origin header field in
+    /// any HTTP request." A second one could carry a value the policy never looked at.
+    #[error("a request may carry only one Origin header")]
+    DuplicateOrigin,
 }
 
 impl HandshakeError {
@@ -59,7 +63,9 @@ impl HandshakeError {
             // §4.4: "the server MUST [...] send a |Sec-WebSocket-Version| header field
             // containing the version(s) the server is capable of understanding."
             HandshakeError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
-            HandshakeError::OriginForbidden => StatusCode::FORBIDDEN,
+            HandshakeError::OriginForbidden | HandshakeError::DuplicateOrigin => {
+                StatusCode::FORBIDDEN
+            }
         }
     }
 
@@ -73,7 +79,7 @@ impl HandshakeError {
             HandshakeError::InvalidConnection => "invalid_connection",
             HandshakeError::InvalidKey => "invalid_key",
             HandshakeError::UnsupportedVersion => "unsupported_version",
-            HandshakeError::OriginForbidden => "origin_forbidden",
+            HandshakeError::OriginForbidden | HandshakeError::DuplicateOrigin => "origin_forbidden",
         }
     }
 }
@@ -91,7 +97,7 @@ pub struct Accept {
 ///
 /// `allowed_origins` empty means any Origin (or none) is accepted; otherwise the request's
 /// `Origin` must equal one of them exactly (ASCII case-insensitively, as origins are
-/// serialized lower-case by browsers).
+/// serialized lower-case by browsers). More than one `Origin` is refused whatever the policy.
 pub fn validate(
     method: &Method,
     version: Version,
@@ -119,6 +125,9 @@ pub fn validate(
     }
     if single_value(headers, header::SEC_WEBSOCKET_VERSION) != Some(WEBSOCKET_VERSION.as_bytes()) {
         return Err(HandshakeError::UnsupportedVersion);
+    }
+    if headers.get_all(header::ORIGIN).iter().nth(1).is_some() {
+        return Err(HandshakeError::DuplicateOrigin);
     }
     if !allowed_origins.is_empty() {
         let origin = headers.get(header::ORIGIN).map(|o| o.as_bytes());
@@ -309,5 +318,27 @@ mod tests {
             validate(&Method::GET, Version::HTTP_11, &h, &allowed),
             Err(HandshakeError::OriginForbidden)
         );
+    }
+
+    #[test]
+    fn a_second_origin_is_refused() {
+        let allowed = ["https://app.example".to_string()];
+        let mut h = good();
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://app.example"),
+        );
+        h.append(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        for policy in [&allowed[..], &[]] {
+            let e = validate(&Method::GET, Version::HTTP_11, &h, policy).unwrap_err();
+            assert_eq!(e, HandshakeError::DuplicateOrigin);
+            assert_eq!(
+                (e.status(), e.code()),
+                (StatusCode::FORBIDDEN, "origin_forbidden")
+            );
+        }
     }
 }
