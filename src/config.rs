@@ -33,8 +33,14 @@ pub struct Config {
     /// closed with 1013 so a slow consumer never slows the publisher or other subscribers.
     /// Queued frames are shared, so this is an upper bound, not a per-connection cost.
     pub max_queued_bytes: usize,
-    /// Most subscriptions (topics plus patterns) per connection.
+    /// Most subscriptions (topics plus patterns) per connection. Each topic subscription
+    /// costs about 100 bytes in the shard's index (the topic itself is counted under
+    /// `max_topics`), so this bounds what one connection can make the gateway hold.
     pub max_subscriptions: usize,
+    /// Most pattern subscriptions per connection (they count under `max_subscriptions`
+    /// too). A pattern costs up to about 10 KiB (its segments, and a node of the pattern
+    /// trie per segment), so patterns get a tighter bound than exact topics.
+    pub max_patterns: usize,
     /// Origins allowed to open WebSockets (exact match). Empty allows any Origin, which suits
     /// service clients; browsers facing the public internet should list their origins.
     pub allowed_origins: Vec<String>,
@@ -164,11 +170,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_connections: 100_000,
+            max_connections: 20_000,
             max_message_bytes: 64 * 1024,
             max_publish_bytes: 1024 * 1024,
             max_queued_bytes: 1024 * 1024,
-            max_subscriptions: 1024,
+            max_subscriptions: 128,
+            max_patterns: 8,
             allowed_origins: Vec::new(),
             fanout_threads: 0,
             echo: false,
@@ -232,6 +239,8 @@ setters! {
     max_queued_bytes: usize,
     /// Sets [`Config::max_subscriptions`].
     max_subscriptions: usize,
+    /// Sets [`Config::max_patterns`].
+    max_patterns: usize,
     /// Sets [`Config::allowed_origins`].
     allowed_origins: Vec<String>,
     /// Sets [`Config::fanout_threads`].
@@ -698,6 +707,34 @@ mod tests {
             .to_string();
         assert!(text.starts_with("--listen localhost: "), "{text}");
         assert!(text.contains("expected host:port"), "{text}");
+    }
+
+    /// docs/OPERATIONS.md lists every key at its default, and a row for each: a key added,
+    /// renamed or given a new default without the docs fails here.
+    #[test]
+    fn operations_md_lists_every_key_at_its_default() {
+        let doc = include_str!("../docs/OPERATIONS.md");
+        let start = doc.find("```toml\n").expect("the settings block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        let documented: toml::Table = doc[start..end].parse().expect("the block is TOML");
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        let mut keys: Vec<&String> = documented.keys().collect();
+        let mut wanted: Vec<&String> = defaults.keys().collect();
+        keys.sort();
+        wanted.sort();
+        assert_eq!(keys, wanted, "keys of the documented block");
+        let parsed: Config = documented.clone().try_into().expect("the block loads");
+        assert_eq!(
+            parsed,
+            Config::default(),
+            "the documented values are the defaults"
+        );
+        for key in wanted {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "no table row for {key}"
+            );
+        }
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub enum SubscribeError {
     /// The connection would exceed `max_subscriptions`.
     #[error("more than {0} subscriptions on one connection")]
     TooMany(usize),
+    /// The connection would exceed `max_patterns`.
+    #[error("more than {0} pattern subscriptions on one connection")]
+    TooManyPatterns(usize),
     /// A `since` or `last_version` that is not `epoch:offset`.
     #[error("invalid version for {topic}: {reason}")]
     InvalidVersion {
@@ -125,6 +128,7 @@ impl SubscribeError {
             SubscribeError::Name(NameError::InvalidTopic(_)) => "invalid_topic",
             SubscribeError::Name(NameError::InvalidPattern(_)) => "invalid_pattern",
             SubscribeError::TooMany(_) => "too_many_subscriptions",
+            SubscribeError::TooManyPatterns(_) => "too_many_patterns",
             SubscribeError::InvalidVersion { .. } => "invalid_version",
             SubscribeError::InvalidFilter(_) => "invalid_filter",
             SubscribeError::NotSubscribed(_) => "not_subscribed",

@@ -184,6 +184,14 @@ pub(super) fn subscribe(
     if subs.len() + new_topics.len() + new_patterns.len() > max {
         return Err(SubscribeError::TooMany(max));
     }
+    let max_patterns = shared.config.max_patterns;
+    let patterns = subs
+        .iter()
+        .filter(|s| matches!(s, Subscription::Pattern(_)))
+        .count();
+    if patterns + new_patterns.len() > max_patterns {
+        return Err(SubscribeError::TooManyPatterns(max_patterns));
+    }
     // Checked before anything is attached, so a refused request changes nothing.
     for t in &new_topics {
         let topic = shared

@@ -196,4 +196,35 @@ mod tests {
         );
         drop_iteratively(v);
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-5i64..5).prop_map(Value::from),
+            // Brackets and escapes inside strings must not count as nesting.
+            prop::sample::select(vec!["", "[", "]{", "\\\"[", "x"]).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(12, 64, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-c{]{0,2}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The text scanner and the tree walk agree on every value's depth, and a limit
+        /// below it is reported by both.
+        #[test]
+        fn text_and_tree_depths_agree(v in json_value(), limit in 0usize..14) {
+            let text = serde_json::to_vec(&v).unwrap();
+            let tree = measure(&v, usize::MAX, usize::MAX).unwrap().depth;
+            proptest::prop_assert_eq!(depth(&text, usize::MAX), tree);
+            proptest::prop_assert_eq!(check_depth(&text, limit).is_ok(), tree <= limit);
+            proptest::prop_assert_eq!(measure(&v, limit, usize::MAX).is_ok(), tree <= limit);
+        }
+    }
 }

@@ -14,6 +14,12 @@ pub const MAX_FILTER_FIELDS: usize = 16;
 /// Most values one field may list, for the same reason.
 pub const MAX_FILTER_VALUES: usize = 64;
 
+/// Most memory one filter may take (its names and values as stored, estimated like a state
+/// document): a connection holds a filter per `subscribe` request, so this bounds what its
+/// filters can hold, whatever its messages carry. `{"status": ["running", "failed"]}` takes
+/// about 300 bytes.
+pub const MAX_FILTER_FOOTPRINT: usize = 1024;
+
 /// Why a filter was refused; sent as an `error` message or an HTTP 400.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
@@ -25,9 +31,10 @@ pub enum FilterError {
         "invalid filter: field {0:?} must be a non-empty array of strings, numbers, booleans or null"
     )]
     BadValues(String),
-    /// More than [`MAX_FILTER_FIELDS`] fields or [`MAX_FILTER_VALUES`] values in a field.
+    /// More than [`MAX_FILTER_FIELDS`] fields, more than [`MAX_FILTER_VALUES`] values in a
+    /// field, or more than [`MAX_FILTER_FOOTPRINT`] bytes in all.
     #[error(
-        "invalid filter: at most {MAX_FILTER_FIELDS} fields of at most {MAX_FILTER_VALUES} values"
+        "invalid filter: at most {MAX_FILTER_FIELDS} fields of at most {MAX_FILTER_VALUES} values, {MAX_FILTER_FOOTPRINT} bytes in all"
     )]
     TooLarge,
 }
@@ -57,6 +64,9 @@ impl Filter {
             return Err(FilterError::NotAnObject);
         };
         if fields.len() > MAX_FILTER_FIELDS {
+            return Err(FilterError::TooLarge);
+        }
+        if crate::proto::json::measure(value, usize::MAX, MAX_FILTER_FOOTPRINT).is_err() {
             return Err(FilterError::TooLarge);
         }
         let mut clauses: Vec<(Box<str>, Vec<Value>)> = Vec::with_capacity(fields.len());
@@ -239,6 +249,7 @@ mod tests {
             (json!({"s": [{"a": 1}]}), FilterError::BadValues("s".into())),
             (json!({"s": [[1]]}), FilterError::BadValues("s".into())),
             (json!({"s": vec![1; 65]}), FilterError::TooLarge),
+            (json!({"s": ["x".repeat(3000)]}), FilterError::TooLarge),
         ];
         for (v, want) in cases {
             assert_eq!(Filter::from_value(&v), Err(want.clone()), "{v}");

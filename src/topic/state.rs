@@ -663,6 +663,41 @@ mod tests {
             }
         }
 
+        /// Whatever a patch does, a stored document stays within the limits, and a refused
+        /// patch leaves it as it was: random patches of adds, copies and moves on random
+        /// documents, with limits small enough to be hit often.
+        #[test]
+        fn patch_results_stay_within_the_limits(
+            old in json_value(),
+            steps in proptest::collection::vec(
+                (0usize..4, json_value(), proptest::sample::select(vec!["", "/a", "/b", "/a/b", "/0", "/-"])),
+                1..6,
+            ),
+        ) {
+            let limits = StateLimits { max_depth: 4, max_bytes: 300, max_ops: 4, room: usize::MAX };
+            let mut d = StateDoc::restore(Version::new(Epoch::from_u64(1), 1), old.clone());
+            let ops: Vec<Value> = steps
+                .iter()
+                .map(|(kind, value, path)| match kind {
+                    0 => serde_json::json!({"op": "add", "path": path, "value": value}),
+                    1 => serde_json::json!({"op": "copy", "from": "", "path": path}),
+                    2 => serde_json::json!({"op": "move", "from": "/a", "path": path}),
+                    _ => serde_json::json!({"op": "replace", "path": path, "value": value}),
+                })
+                .collect();
+            let ops = parse_patch(&serde_json::to_vec(&ops).unwrap()).unwrap();
+            let before = (d.doc().clone(), d.version());
+            match d.patch(&ops, &limits) {
+                Ok(None) => proptest::prop_assert_eq!((d.doc().clone(), d.version()), before),
+                Ok(Some(_)) => {
+                    let shape = json::measure(d.doc(), usize::MAX, usize::MAX).unwrap();
+                    proptest::prop_assert!(shape.depth <= limits.max_depth);
+                    proptest::prop_assert!(serde_json::to_vec(d.doc()).unwrap().len() <= limits.max_bytes);
+                }
+                Err(_) => proptest::prop_assert_eq!((d.doc().clone(), d.version()), before),
+            }
+        }
+
         /// A patch either applies whole or leaves the document and version untouched.
         #[test]
         fn patches_are_atomic(old in json_value(), new in json_value(), junk in json_value()) {
