@@ -110,6 +110,27 @@ async fn the_deepest_allowed_document_works_everywhere_and_one_more_level_is_ref
     late.subscribe(&[topic], &[], 1).await;
     let snapshot = next_of(&mut late, "snapshot", topic).await;
     assert_eq!(snapshot["state"], doc);
+
+    // The deepest event takes the event paths: live delivery, replay, and a poll.
+    let deep_event = nested(depth);
+    let events = "deep:events";
+    let mut watcher = WsClient::connect(gw.addr).await;
+    watcher.subscribe(&[events], &[], 1).await;
+    publish_ok(gw.addr, events, deep_event.as_bytes()).await;
+    let (_, offset, data) = watcher.next_event().await;
+    assert_eq!(offset, 1);
+    assert_eq!(data, serde_json::from_str::<Value>(&deep_event).unwrap());
+    let page = poll(gw.addr, events, "since=0").await;
+    assert_eq!(page["events"][0]["data"], data);
+    let epoch = epoch_of(gw.addr, events).await;
+    let mut resumed = WsClient::connect(gw.addr).await;
+    subscribe_since(&mut resumed, events, &version_of(&epoch, 0), 1).await;
+    let (_, replayed, _) = resumed.next_event().await;
+    assert_eq!(replayed, 1);
+    // A state topic is not polled: it says so, deep or not.
+    http_get(gw.addr, &format!("/v1/topics/{topic}/events"))
+        .await
+        .assert_error(409, "wrong_topic_kind");
     follower.ping(2).await;
     gw.assert_alive().await;
 }
