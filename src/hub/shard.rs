@@ -321,7 +321,9 @@ impl Shard {
                     }
                 }
                 Delivery::Overflowed => unsettled.push(slot),
-                // Closing or broken: nothing changed, nothing to do (and no write to try).
+                // The write just failed: end the connection now.
+                Delivery::Dropped if conn.phase == Phase::Broken => unsettled.push(slot),
+                // Closing: nothing changed, nothing to do (and no write to try).
                 Delivery::Dropped => {}
             }
         }
