@@ -72,7 +72,7 @@ impl Backlog {
             .ok()?;
         let taken = self
             .bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
                 (b == 0 || b.saturating_add(bytes) <= self.limit).then_some(b + bytes)
             });
         if taken.is_err() {
@@ -110,18 +110,16 @@ impl Backlog {
         }
         let deadline = Instant::now() + wait;
         let mut guard = self.lock.lock();
-        self.waiters.fetch_add(1, Ordering::AcqRel);
-        let ticket = loop {
+        let _waiting = Waiting::new(&self.waiters);
+        loop {
             // Checked under the lock a release notifies under, so no wake-up is lost.
             if let Some(ticket) = self.try_admit(topic, bytes) {
                 break Some(ticket);
             }
             if self.freed_sync.wait_until(&mut guard, deadline).timed_out() {
-                break self.try_admit(topic, bytes);
+                return self.try_admit(topic, bytes);
             }
-        };
-        self.waiters.fetch_sub(1, Ordering::AcqRel);
-        ticket
+        }
     }
 
     /// Waits up to `wait` for a ticket without blocking the thread.
@@ -135,8 +133,9 @@ impl Backlog {
             return Some(ticket);
         }
         let deadline = tokio::time::Instant::now() + wait;
-        self.waiters.fetch_add(1, Ordering::AcqRel);
-        let ticket = loop {
+        // Counted out again however the wait ends, even if the caller drops this future.
+        let _waiting = Waiting::new(&self.waiters);
+        loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
@@ -144,19 +143,35 @@ impl Backlog {
                 break Some(ticket);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                break self.try_admit(topic, bytes);
+                return self.try_admit(topic, bytes);
             }
-        };
-        self.waiters.fetch_sub(1, Ordering::AcqRel);
-        ticket
+        }
     }
 
     fn notify(&self) {
-        if self.waiters.load(Ordering::Acquire) > 0 {
+        // SeqCst, with the waiter's count and the releaser's bytes: either the waiter sees
+        // the room, or the releaser sees the waiter.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             self.freed.notify_waiters();
             let _guard = self.lock.lock();
             self.freed_sync.notify_all();
         }
+    }
+}
+
+/// One publisher counted among the waiters while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiters: &'a AtomicUsize) -> Waiting<'a> {
+        waiters.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -168,11 +183,12 @@ impl Ticket {
         if bytes >= before {
             self.backlog
                 .bytes
-                .fetch_add(bytes - before, Ordering::AcqRel);
+                .fetch_add(bytes - before, Ordering::SeqCst);
         } else {
             self.backlog
                 .bytes
-                .fetch_sub(before - bytes, Ordering::AcqRel);
+                .fetch_sub(before - bytes, Ordering::SeqCst);
+            self.backlog.notify();
         }
     }
 }
@@ -181,7 +197,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         self.backlog
             .bytes
-            .fetch_sub(self.bytes.load(Ordering::Acquire), Ordering::AcqRel);
+            .fetch_sub(self.bytes.load(Ordering::Acquire), Ordering::SeqCst);
         self.topic.queued.fetch_sub(1, Ordering::AcqRel);
         self.backlog.notify();
     }
@@ -270,5 +286,24 @@ mod tests {
         };
         drop(held);
         assert!(waiter.await.expect("waiter"));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_is_no_longer_counted_as_waiting() {
+        let topics = Topics::new(TopicLimits::default());
+        let a = topic(&topics, "q:a");
+        let backlog = Backlog::new(100, 1);
+        let _held = backlog.try_admit(&a, 10).expect("room");
+        let waiter = {
+            let (backlog, a) = (backlog.clone(), a.clone());
+            tokio::spawn(async move { backlog.admit(&a, 10, Duration::from_secs(30)).await })
+        };
+        while backlog.waiters.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The publisher's request is dropped mid-wait (its client went away).
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(backlog.waiters.load(Ordering::SeqCst), 0);
     }
 }

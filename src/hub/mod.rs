@@ -240,7 +240,6 @@ impl Hub {
                 max_depth: config.max_json_depth,
                 max_bytes: config.max_state_bytes,
                 max_ops: config.max_patch_ops,
-                room: usize::MAX,
             },
             state_budget: config.state_memory_budget,
         };
@@ -435,7 +434,7 @@ impl Hub {
         // looked up again before that).
         let mut document = Some(document);
         self.write_state(admitted, if_match, |doc, limits| {
-            doc.replace(document.take().unwrap_or_default(), limits)
+            doc.prepare_replace(document.take().unwrap_or_default(), limits)
         })
     }
 
@@ -447,7 +446,9 @@ impl Hub {
         if_match: Option<&str>,
     ) -> Result<StateWritten, PublishError> {
         let ops = crate::topic::state::parse_patch(patch).map_err(StateError::from)?;
-        self.write_state(admitted, if_match, |doc, limits| doc.patch(&ops, limits))
+        self.write_state(admitted, if_match, |doc, limits| {
+            doc.prepare_patch(&ops, limits)
+        })
     }
 
     fn write_state(
@@ -455,9 +456,9 @@ impl Hub {
         admitted: Admitted,
         if_match: Option<&str>,
         mut change: impl FnMut(
-            &mut crate::topic::StateDoc,
+            &crate::topic::StateDoc,
             &StateLimits,
-        ) -> Result<Option<crate::topic::Change>, StateError>,
+        ) -> Result<Option<crate::topic::state::Prepared>, StateError>,
     ) -> Result<StateWritten, PublishError> {
         let Admitted { topic, ticket } = admitted;
         let mut ticket = Some(ticket);

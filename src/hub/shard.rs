@@ -28,6 +28,7 @@ use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::frame::{self, Kind};
 use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
+use crate::proto::versioned::encode_closed;
 use crate::topic::{EventFields, Version};
 
 /// The token of the shard's waker; connection tokens are slab keys.
@@ -361,7 +362,9 @@ impl Shard {
                 Subscription::Pattern(_) => None,
             })
             .collect();
-        let state_only = topics.len() == conn.subscriptions.len()
+        // Over the shared budget, fresh snapshots would only add to it: close instead.
+        let state_only = !force
+            && topics.len() == conn.subscriptions.len()
             && !topics.is_empty()
             && topics.iter().all(|t| {
                 self.shared
@@ -401,9 +404,21 @@ impl Shard {
                 continue;
             };
             let snapshot = doc.snapshot(&name);
+            // A `closed` that was in the dropped backlog is not fanned out again: say it here.
+            let closed = state
+                .closed
+                .then(|| encode_closed(&name, version.to_buf().as_str(), now_ms()));
             drop(state);
-            self.index.set_after(&name, slot, version.offset);
+            let after = if closed.is_some() {
+                u64::MAX
+            } else {
+                version.offset
+            };
+            self.index.set_after(&name, slot, after);
             let _ = conn.send(snapshot);
+            if let Some(closed) = closed {
+                let _ = conn.send(closed);
+            }
         }
     }
 
@@ -599,10 +614,7 @@ impl Shard {
             }
         }
         reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
-        if conn.phase.is_open()
-            && (conn.over_limit()
-                || (self.queued_total > self.queued_share && conn.queued_bytes() > 0))
-        {
+        if conn.phase.is_open() && conn.over_limit() {
             // Overflowed by a reply or a ping rather than a publication.
             conn.close(
                 CloseCode::TryAgainLater,

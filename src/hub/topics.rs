@@ -18,6 +18,7 @@ use super::backlog::Ticket;
 use crate::proto::message::now_ms;
 use crate::proto::versioned::{encode_change, encode_closed, encode_versioned_event};
 use crate::topic::history::PushError;
+use crate::topic::state::Prepared;
 use crate::topic::{
     Entry, Epoch, History, HistoryLimits, StateDoc, StateError, StateLimits, Version,
 };
@@ -262,7 +263,10 @@ impl Topics {
             self.changed_history(topic, &mut state.history, |h| {
                 h.evict(now);
             });
+            // A topic with publications still on their way to the shards is kept: a new
+            // topic of the same name must not receive them.
             let idle = topic.subscribers.load(Ordering::SeqCst) == 0
+                && topic.queued.load(Ordering::Acquire) == 0
                 && state.history.is_empty()
                 && !matches!(state.content, Content::State(_));
             if idle {
@@ -400,16 +404,15 @@ impl Topics {
     }
 
     /// Replaces or patches `topic`'s state document. `change` gets the document and the
-    /// limits (with the room the state budget leaves this document) and returns the change
-    /// it made (none when nothing changed, and then nothing is published).
+    /// limits and prepares the new document (none when nothing would change, and then
+    /// nothing is published). Its growth is then taken from `state_memory_budget` with one
+    /// atomic step before it is committed, so concurrent writes to different topics cannot
+    /// pass the budget together.
     pub fn write_state(
         &self,
         topic: &Arc<Topic>,
         if_match: Option<&str>,
-        change: impl FnOnce(
-            &mut StateDoc,
-            &StateLimits,
-        ) -> Result<Option<crate::topic::Change>, StateError>,
+        change: impl FnOnce(&StateDoc, &StateLimits) -> Result<Option<Prepared>, StateError>,
         hand_off: impl FnOnce(Publication),
     ) -> Result<(Version, bool), TopicError> {
         let mut guard = topic.state.lock();
@@ -440,24 +443,23 @@ impl Topics {
             }
         };
         let old_footprint = if is_fresh { 0 } else { doc.footprint() };
-        let used = self.state_bytes.load(Ordering::Relaxed);
-        let limits = StateLimits {
-            room: old_footprint + self.limits.state_budget.saturating_sub(used),
-            ..self.limits.state
+        let Some(prepared) = change(doc, &self.limits.state)? else {
+            return Ok((state.history.version(), false));
         };
-        let result = change(doc, &limits);
-        let new_footprint = doc.footprint();
-        let change = match result {
-            Ok(Some(change)) => change,
-            Ok(None) => return Ok((state.history.version(), false)),
-            Err(StateError::BudgetExhausted) => {
-                return Err(TopicError::StateBudget {
-                    budget: self.limits.state_budget,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        adjust(&self.state_bytes, old_footprint, new_footprint);
+        let new_footprint = prepared.footprint();
+        if new_footprint > old_footprint {
+            let growth = new_footprint - old_footprint;
+            let budget = self.limits.state_budget;
+            self.state_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    (used.saturating_add(growth) <= budget).then_some(used + growth)
+                })
+                .map_err(|_| TopicError::StateBudget { budget })?;
+        } else {
+            self.state_bytes
+                .fetch_sub(old_footprint - new_footprint, Ordering::AcqRel);
+        }
+        let change = doc.commit(prepared);
         if let Some(doc) = fresh {
             state.content = Content::State(doc);
         }
@@ -563,7 +565,7 @@ mod tests {
             .write_state(
                 &doc,
                 None,
-                |d, l| d.replace(serde_json::json!({"k": 1}), l),
+                |d, l| d.prepare_replace(serde_json::json!({"k": 1}), l),
                 |_| {},
             )
             .unwrap();
@@ -649,12 +651,18 @@ mod tests {
         );
         let small = serde_json::json!({"k": "v"});
         topics
-            .write_state(&one, None, |d, l| d.replace(small.clone(), l), |_| {})
+            .write_state(
+                &one,
+                None,
+                |d, l| d.prepare_replace(small.clone(), l),
+                |_| {},
+            )
             .unwrap();
         let used = topics.state_bytes();
         assert!(used > 0);
         let big = serde_json::json!({"k": "v".repeat(5000)});
-        let refused = topics.write_state(&one, None, |d, l| d.replace(big.clone(), l), |_| {});
+        let refused =
+            topics.write_state(&one, None, |d, l| d.prepare_replace(big.clone(), l), |_| {});
         assert_eq!(refused, Err(TopicError::StateBudget { budget: 4096 }));
         assert_eq!(
             topics.state_bytes(),
@@ -672,5 +680,50 @@ mod tests {
         let topic = topics.get(name).unwrap();
         let state = topic.state.lock();
         state.history.iter().last().unwrap().data.clone()
+    }
+
+    #[test]
+    fn concurrent_writes_to_different_documents_cannot_pass_the_state_budget() {
+        let topics = Arc::new(Topics::new(TopicLimits {
+            state_budget: 64 * 1024,
+            ..TopicLimits::default()
+        }));
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let topics = topics.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let t = topics
+                            .get_or_create(&format!("race:{w}:{i}"), || {})
+                            .unwrap();
+                        let doc = serde_json::json!({"pad": "x".repeat(3000)});
+                        let _ =
+                            topics.write_state(&t, None, |d, l| d.prepare_replace(doc, l), |_| {});
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("writer");
+        }
+        assert!(
+            topics.state_bytes() <= 64 * 1024,
+            "{}",
+            topics.state_bytes()
+        );
+        let held: usize = topics
+            .map
+            .read()
+            .values()
+            .map(|t| match &t.state.lock().content {
+                Content::State(doc) => doc.footprint(),
+                Content::Empty | Content::Events => 0,
+            })
+            .sum();
+        assert_eq!(
+            topics.state_bytes(),
+            held,
+            "the count is the documents' footprints"
+        );
     }
 }

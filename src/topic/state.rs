@@ -99,9 +99,6 @@ pub struct StateLimits {
     pub max_bytes: usize,
     /// Most operations in one patch (`max_patch_ops`).
     pub max_ops: usize,
-    /// Most [`StateDoc::footprint`] the document may have after the write: what the shared
-    /// `state_memory_budget` leaves it.
-    pub room: usize,
 }
 
 impl StateLimits {
@@ -120,7 +117,6 @@ impl Default for StateLimits {
             max_depth: 64,
             max_bytes: 1024 * 1024,
             max_ops: 1000,
-            room: usize::MAX,
         }
     }
 }
@@ -143,9 +139,6 @@ pub enum StateError {
         /// The configured limit.
         limit: usize,
     },
-    /// The result does not fit in what the state memory budget has left.
-    #[error("the state memory budget has no room for the result")]
-    BudgetExhausted,
 }
 
 impl StateError {
@@ -156,7 +149,6 @@ impl StateError {
             StateError::Limit(JsonLimitError::TooDeep { .. }) => "json_too_deep",
             StateError::Limit(JsonLimitError::TooLarge { .. }) => "state_too_large",
             StateError::TooManyOps { .. } => "too_many_patch_ops",
-            StateError::BudgetExhausted => "state_budget_exhausted",
         }
     }
 
@@ -168,7 +160,6 @@ impl StateError {
             StateError::Limit(JsonLimitError::TooLarge { .. }) | StateError::TooManyOps { .. } => {
                 413
             }
-            StateError::BudgetExhausted => 507,
         }
     }
 }
@@ -266,6 +257,17 @@ impl StateDoc {
         new: Value,
         limits: &StateLimits,
     ) -> Result<Option<Change>, StateError> {
+        Ok(self.prepare_replace(new, limits)?.map(|p| self.commit(p)))
+    }
+
+    /// Checks `new` against `limits` and prepares it to replace the document, changing
+    /// nothing yet: the caller can take room for [`Prepared::footprint`] in a shared budget
+    /// before it [commits](StateDoc::commit). `Ok(None)` when `new` equals the document.
+    pub fn prepare_replace(
+        &self,
+        new: Value,
+        limits: &StateLimits,
+    ) -> Result<Option<Prepared>, StateError> {
         let shape = json::measure(&new, limits.max_depth, limits.max_footprint())?;
         if new == self.doc {
             return Ok(None);
@@ -278,10 +280,7 @@ impl StateDoc {
             }
             .into());
         }
-        if footprint(shape.footprint, json.len()) > limits.room {
-            return Err(StateError::BudgetExhausted);
-        }
-        Ok(Some(self.commit(new, json, shape)))
+        Ok(Some(Prepared { new, json, shape }))
     }
 
     /// Applies RFC 6902 `ops` atomically: all of them, or none (the document is unchanged on
@@ -298,6 +297,15 @@ impl StateDoc {
         ops: &[PatchOperation],
         limits: &StateLimits,
     ) -> Result<Option<Change>, StateError> {
+        Ok(self.prepare_patch(ops, limits)?.map(|p| self.commit(p)))
+    }
+
+    /// As [`StateDoc::patch`], changing nothing yet (see [`StateDoc::prepare_replace`]).
+    pub fn prepare_patch(
+        &self,
+        ops: &[PatchOperation],
+        limits: &StateLimits,
+    ) -> Result<Option<Prepared>, StateError> {
         if ops.len() > limits.max_ops {
             return Err(StateError::TooManyOps {
                 limit: limits.max_ops,
@@ -349,10 +357,12 @@ impl StateDoc {
                 }
             })?;
         }
-        self.replace(new, limits)
+        self.prepare_replace(new, limits)
     }
 
-    fn commit(&mut self, new: Value, json: Bytes, shape: json::Shape) -> Change {
+    /// Makes a prepared document the current one: the next version, its diff computed once.
+    pub fn commit(&mut self, prepared: Prepared) -> Change {
+        let Prepared { new, json, shape } = prepared;
         let diff = json_patch::diff(&self.doc, &new);
         // Serializing a patch of plain JSON values cannot fail.
         let diff = Bytes::from(serde_json::to_vec(&diff).unwrap_or_default());
@@ -368,6 +378,21 @@ impl StateDoc {
             new: self.version,
             diff,
         }
+    }
+}
+
+/// A checked replacement document, not applied yet (see [`StateDoc::prepare_replace`]).
+#[derive(Debug)]
+pub struct Prepared {
+    new: Value,
+    json: Bytes,
+    shape: json::Shape,
+}
+
+impl Prepared {
+    /// The [`StateDoc::footprint`] the document will have once this is committed.
+    pub fn footprint(&self) -> usize {
+        footprint(self.shape.footprint, self.json.len())
     }
 }
 
@@ -394,7 +419,6 @@ mod tests {
         max_depth: 64,
         max_bytes: 1 << 20,
         max_ops: 100,
-        room: usize::MAX,
     };
 
     fn doc(v: Value) -> StateDoc {
@@ -520,7 +544,6 @@ mod tests {
             max_depth: 8,
             max_bytes: 4096,
             max_ops: 50,
-            room: usize::MAX,
         };
         let mut d = StateDoc::new(Epoch::from_u64(3));
         d.replace(json!({"a": {"b": 1}}), &limits).unwrap();
@@ -674,7 +697,7 @@ mod tests {
                 1..6,
             ),
         ) {
-            let limits = StateLimits { max_depth: 4, max_bytes: 300, max_ops: 4, room: usize::MAX };
+            let limits = StateLimits { max_depth: 4, max_bytes: 300, max_ops: 4 };
             let mut d = StateDoc::restore(Version::new(Epoch::from_u64(1), 1), old.clone());
             let ops: Vec<Value> = steps
                 .iter()
