@@ -13,7 +13,7 @@ use crate::Result;
 use crate::coord::{Aggregate, Workers};
 use crate::offsets::Ranges;
 use crate::publisher::{Published, Publisher};
-use crate::report::{Row, mib, round};
+use crate::report::{Row, listing, mib, round};
 use crate::run::{self, ClientOpts, Plan, SAMPLE_EVERY};
 use crate::target::{ProcSample, Target};
 use crate::wire;
@@ -293,19 +293,6 @@ pub fn run(target: &mut Target, plan: &FloodPlan, opts: &ClientOpts) -> Result<F
     data.flood = flood;
     data.control = ctl;
     Ok(data)
-}
-
-fn listing(map: &BTreeMap<String, u64>, skip: &[&str]) -> String {
-    let items: Vec<String> = map
-        .iter()
-        .filter(|(k, _)| !skip.contains(&k.as_str()))
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect();
-    if items.is_empty() {
-        "none".into()
-    } else {
-        items.join(", ")
-    }
 }
 
 /// The figures of a `flood` run for one target.

@@ -58,6 +58,21 @@ pub fn round(x: f64, digits: i32) -> f64 {
     (x * p).round() / p
 }
 
+/// `key: count, ...` for a table cell, leaving out the keys in `skip`; `none` if nothing
+/// is left.
+pub fn listing(map: &std::collections::BTreeMap<String, u64>, skip: &[&str]) -> String {
+    let items: Vec<String> = map
+        .iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
 /// Bytes to MiB, two decimals.
 pub fn mib(bytes: u64) -> f64 {
     round(bytes as f64 / (1024.0 * 1024.0), 2)

@@ -1,9 +1,7 @@
 //! The four scenarios: each is a [`Plan`] for the shared driver and a choice of figures
 //! from what the run measured.
 
-use std::collections::BTreeMap;
-
-use crate::report::{Row, mib, round};
+use crate::report::{Row, listing, mib, round};
 use crate::run::{Plan, RunData};
 
 /// Which scenario.
@@ -29,16 +27,6 @@ impl Scenario {
             Scenario::Slow => "slow",
         }
     }
-}
-
-fn reasons(map: &BTreeMap<String, u64>) -> String {
-    if map.is_empty() {
-        return "none".into();
-    }
-    map.iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn per_conn(delta_bytes: i64, conns: u64) -> Option<i64> {
@@ -118,7 +106,11 @@ pub fn row(scenario: Scenario, label: &str, plan: &Plan, d: &RunData, tolerance_
                 .map(|(_, v)| v)
                 .sum();
             r.add("slow_closed", "slow closed by server", closed);
-            r.add("slow_outcomes", "slow outcomes", reasons(&a.slow_outcomes));
+            r.add(
+                "slow_outcomes",
+                "slow outcomes",
+                listing(&a.slow_outcomes, &[]),
+            );
             r.opt("rss_connected_mib", "rss connected MiB", rss(d.connected));
             r.opt("rss_max_mib", "rss max MiB", d.rss_max.map(mib));
             let growth = d
@@ -132,9 +124,9 @@ pub fn row(scenario: Scenario, label: &str, plan: &Plan, d: &RunData, tolerance_
     r.add(
         "regular_closed",
         "regular closed by server",
-        reasons(&a.regular_closed),
+        listing(&a.regular_closed, &[]),
     );
-    r.add("fail_reasons", "failures", reasons(&a.fail_reasons));
+    r.add("fail_reasons", "failures", listing(&a.fail_reasons, &[]));
     r.add(
         "client_cpu_s",
         "client cpu s",

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::Result;
 use crate::conn::{self, Fail, WsConn};
 use crate::histo::{self, Latency};
-use crate::report::{Row, mib, round};
+use crate::report::{Row, listing, mib, round};
 use crate::run::{self, SAMPLE_EVERY};
 use crate::target::{ProcSample, Target};
 
@@ -248,16 +248,6 @@ pub fn run(target: &mut Target, plan: &StallPlan, opts: &run::ClientOpts) -> Res
     })
 }
 
-fn listing(map: &BTreeMap<String, u64>) -> String {
-    if map.is_empty() {
-        return "none".into();
-    }
-    map.iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Seconds at quantile `q` of a histogram of milliseconds (`None` if empty).
 fn held_s(h: &Histogram<u64>, q: f64) -> Option<f64> {
     (!h.is_empty()).then(|| round(h.value_at_quantile(q) as f64 / 1000.0, 2))
@@ -282,7 +272,11 @@ pub fn row(label: &str, plan: &StallPlan, d: &StallData) -> Row {
     r.add("open_min", "stalled open min during tries", d.open_range.0);
     r.add("open_max", "stalled open max during tries", d.open_range.1);
     let a = &d.attack;
-    r.add("heads_ended", "heads ended by", listing(&a.heads.outcomes));
+    r.add(
+        "heads_ended",
+        "heads ended by",
+        listing(&a.heads.outcomes, &[]),
+    );
     r.opt(
         "heads_held_p50_s",
         "heads held p50 s",
@@ -296,7 +290,7 @@ pub fn row(label: &str, plan: &StallPlan, d: &StallData) -> Row {
     r.add(
         "bodies_ended",
         "bodies ended by",
-        listing(&a.bodies.outcomes),
+        listing(&a.bodies.outcomes, &[]),
     );
     r.opt(
         "bodies_held_p50_s",
@@ -314,7 +308,7 @@ pub fn row(label: &str, plan: &StallPlan, d: &StallData) -> Row {
     r.add("tries_made", "tries made", t.made);
     r.add("tries_ok", "tries ok", t.ok);
     r.add("tries_failed", "tries failed", t.made - t.ok);
-    r.add("try_failures", "try failures", listing(&t.failures));
+    r.add("try_failures", "try failures", listing(&t.failures, &[]));
     let l = Latency::of(&t.time_us);
     r.add("try_p50_ms", "try p50 ms", round(l.p50_ms, 2));
     r.add("try_p99_ms", "try p99 ms", round(l.p99_ms, 2));
