@@ -4,39 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use tidings::Config;
-use tokio::net::TcpSocket;
 
 const PAYLOAD: usize = 16 * 1024;
-
-/// A raw client with a tiny receive buffer, subscribed to `topic`, that reads nothing until
-/// the test says so.
-async fn stalled(addr: SocketAddr, topic: &str) -> RawWs {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let stream = socket.connect(addr).await.expect("connect");
-    let mut client = RawWs::handshake(stream, addr).await;
-    client
-        .send_text(&json!({"type": "subscribe", "topics": [topic]}).to_string())
-        .await;
-    let ack = client.next_json().await;
-    assert_eq!(ack["type"], "subscribed", "{ack}");
-    client
-}
-
-/// Publications of `PAYLOAD` bytes enough to fill the kernel's buffers on the way (the
-/// gateway's send buffer autotunes up to `tcp_wmem`'s maximum) and then `queued` more.
-fn rounds(queued: usize) -> u64 {
-    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
-        .ok()
-        .and_then(|text| text.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(4 * 1024 * 1024);
-    ((wmem_max + 64 * 1024 + queued) / PAYLOAD + 8) as u64
-}
 
 /// A slow reader far inside its own `max_queued_bytes` is still treated as a slow consumer
 /// once the gateway-wide total is reached: its backlog, then 1013 naming where to resume.
@@ -50,31 +22,13 @@ async fn the_shared_queue_budget_bounds_slow_readers_within_their_own_limit() {
         .max_queued_total_bytes(TOTAL)
         .history_max_len(4096);
     let gw = TestGateway::start(config).await;
-    let mut slow = stalled(gw.addr, TOPIC).await;
+    let mut slow = stalled(gw.addr, json!({"type": "subscribe", "topics": [TOPIC]})).await;
     let pad = "x".repeat(PAYLOAD);
-    for n in 1..=rounds(TOTAL) {
+    for n in 1..=rounds(PAYLOAD, TOTAL) {
         let body = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
         gw.gw.publish(TOPIC, body.as_bytes()).expect("publish");
     }
-    let mut last = 0;
-    let reason = loop {
-        let frame = within("the backlog", slow.read_frame())
-            .await
-            .expect("read")
-            .expect("a close frame before EOF");
-        match frame.opcode {
-            OP_TEXT => {
-                let event: Value = serde_json::from_slice(&frame.payload).expect("JSON");
-                assert_eq!(event["offset"], last + 1, "a gap in the backlog");
-                last += 1;
-            }
-            OP_CLOSE => {
-                assert_eq!(frame.close_code(), Some(1013), "{frame:?}");
-                break String::from_utf8(frame.payload[2..].to_vec()).expect("UTF-8 reason");
-            }
-            _ => {}
-        }
-    };
+    let (last, reason) = read_backlog_to_1013(&mut slow).await;
     assert!(
         reason.starts_with(&format!("slow consumer; last queued {TOPIC} ")),
         "{reason}"

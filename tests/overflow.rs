@@ -7,38 +7,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 use serde_json::{Value, json};
 use tidings::Config;
-use tokio::net::TcpSocket;
 
 const MAX_QUEUED: usize = 64 * 1024;
 const PAYLOAD: usize = 16 * 1024;
-
-/// Enough 16 KiB publications to fill the kernel's buffers on the way (the gateway's send
-/// buffer autotunes up to `tcp_wmem`'s maximum) and then the queue.
-fn rounds() -> u64 {
-    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
-        .ok()
-        .and_then(|text| text.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(4 * 1024 * 1024);
-    ((wmem_max + 64 * 1024 + MAX_QUEUED) / PAYLOAD + 8) as u64
-}
-
-/// A raw client with a tiny receive buffer that sends `request` and then reads nothing
-/// until the test says so.
-async fn stalled(addr: SocketAddr, request: Value) -> RawWs {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let stream = socket.connect(addr).await.expect("connect");
-    let mut client = RawWs::handshake(stream, addr).await;
-    client.send_text(&request.to_string()).await;
-    let ack = client.next_json().await;
-    assert_eq!(ack["type"], "subscribed", "{ack}");
-    client
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_subscriber_gets_its_backlog_then_1013_naming_where_to_resume() {
@@ -48,7 +22,7 @@ async fn an_event_subscriber_gets_its_backlog_then_1013_naming_where_to_resume()
         .history_max_len(4096);
     let gw = TestGateway::start(config).await;
     let mut slow = stalled(gw.addr, json!({"type": "subscribe", "topics": [TOPIC]})).await;
-    let total = rounds();
+    let total = rounds(PAYLOAD, MAX_QUEUED);
     let pad = "x".repeat(PAYLOAD);
     for n in 1..=total {
         let body = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
@@ -61,25 +35,7 @@ async fn an_event_subscriber_gets_its_backlog_then_1013_naming_where_to_resume()
         );
     }
     // Read the backlog: a gap-free run from 1, then the close.
-    let mut last = 0;
-    let reason = loop {
-        let frame = within("the backlog", slow.read_frame())
-            .await
-            .expect("read")
-            .expect("a close frame before EOF");
-        match frame.opcode {
-            OP_TEXT => {
-                let event: Value = serde_json::from_slice(&frame.payload).expect("JSON");
-                assert_eq!(event["offset"], last + 1, "a gap in the backlog");
-                last += 1;
-            }
-            OP_CLOSE => {
-                assert_eq!(frame.close_code(), Some(1013), "{frame:?}");
-                break String::from_utf8(frame.payload[2..].to_vec()).expect("UTF-8 reason");
-            }
-            _ => {}
-        }
-    };
+    let (last, reason) = read_backlog_to_1013(&mut slow).await;
     assert!(
         last < total,
         "the subscriber was never cut off ({last} of {total})"
@@ -110,7 +66,7 @@ async fn a_state_subscriber_that_overflows_gets_a_fresh_snapshot_not_a_close() {
     put_state_ok(gw.addr, TOPIC, &json!({"n": 0, "pad": ""})).await;
     let mut slow = stalled(gw.addr, json!({"type": "subscribe", "topics": [TOPIC]})).await;
     // Each write changes a 16 KiB field, so each change frame is 16 KiB.
-    let total = rounds();
+    let total = rounds(PAYLOAD, MAX_QUEUED);
     for n in 1..=total {
         let pad = format!("{n}").repeat(PAYLOAD / format!("{n}").len());
         put_state_ok(gw.addr, TOPIC, &json!({"n": n, "pad": pad})).await;

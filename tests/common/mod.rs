@@ -13,6 +13,7 @@
 
 mod http;
 mod raw;
+mod slow;
 mod versioned;
 mod ws;
 
@@ -21,6 +22,8 @@ mod ws;
 pub use http::*;
 #[allow(unused_imports)]
 pub use raw::*;
+#[allow(unused_imports)]
+pub use slow::*;
 #[allow(unused_imports)]
 pub use versioned::*;
 #[allow(unused_imports)]
