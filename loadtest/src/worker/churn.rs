@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::{Shared, open_subscribed};
-use crate::conn::{FrameCounts, Reply};
+use crate::conn::{FrameCounts, Reply, WsConn};
 
 /// Opens churn connections at the spec's rate while churn is on.
 pub(super) async fn churn_driver(shared: Rc<Shared>) {
@@ -50,36 +50,32 @@ async fn churn_conn(shared: Rc<Shared>, k: usize) {
     });
     let hold = Duration::from_millis(shared.spec.churn_hold_ms);
     let mut counts = FrameCounts::default();
-    let ended_early = tokio::time::timeout(hold, async {
-        loop {
-            match ws
-                .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
-                .await
-            {
-                Ok(None) => {}
-                Ok(Some(_)) | Err(_) => return,
-            }
-        }
-    })
-    .await
-    .is_ok();
+    let ended_early = tokio::time::timeout(hold, read_until_end(&mut ws, &shared, &mut counts))
+        .await
+        .is_ok();
     if ended_early {
         Shared::count(&shared.fail_reasons, "churn closed by server".into());
     } else if k.is_multiple_of(2) && ws.send_close(1000).await.is_ok() {
         // Wait briefly for the server's close echo (RFC 6455 §5.5.1), then drop.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match ws
-                    .read_some(&shared.scratch, &mut counts, |_, _| Reply::None)
-                    .await
-                {
-                    Ok(None) => {}
-                    Ok(Some(_)) | Err(_) => return,
-                }
-            }
-        })
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            read_until_end(&mut ws, &shared, &mut counts),
+        )
         .await;
     }
     drop(ws);
     shared.bump(|p| p.churn_open -= 1);
+}
+
+/// Reads (and ignores) what the server sends until it ends the connection.
+async fn read_until_end(ws: &mut WsConn, shared: &Shared, counts: &mut FrameCounts) {
+    loop {
+        match ws
+            .read_some(&shared.scratch, counts, |_, _| Reply::None)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return,
+        }
+    }
 }
