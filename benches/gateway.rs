@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::{Value, json};
-use tidings::hub::index::{Index, Sub};
 use tidings::proto::frame::{self, Kind};
 use tidings::proto::message::{encode_event, parse_client};
 use tidings::proto::versioned::{encode_change, encode_versioned_event};
+use tidings::topic::index::{Index, Sub};
 use tidings::topic::{Epoch, Pattern, StateDoc, StateLimits};
 
 fn payload(size: usize) -> Vec<u8> {

@@ -164,6 +164,17 @@ pub struct Config {
     /// The header a trusted proxy names the client in (`X-Forwarded-For` style: the last
     /// address not itself a trusted proxy is the client).
     pub forwarded_header: String,
+    /// The `retry:` hint an SSE stream starts with: how long a client's `EventSource`
+    /// waits before reconnecting. Shorter resumes sooner after a restart, at the cost of
+    /// a reconnection storm hitting sooner too (clients add no jitter of their own).
+    #[serde(with = "humantime_serde")]
+    pub sse_retry: Duration,
+    /// Longest `wait` a long-poll may ask for. Each waiting poller holds an HTTP
+    /// connection and its task (see docs/BENCHMARKS.md for the measured cost), so this
+    /// bounds how long a client can hold them with one request; proxies often cut idle
+    /// requests at 30–60 s.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_wait: Duration,
 }
 
 impl Default for Config {
@@ -208,6 +219,8 @@ impl Default for Config {
             max_connections_per_ip: 10_000,
             trusted_proxies: Vec::new(),
             forwarded_header: "x-forwarded-for".to_string(),
+            sse_retry: Duration::from_secs(3),
+            max_poll_wait: Duration::from_secs(30),
         }
     }
 }
@@ -305,6 +318,10 @@ setters! {
     trusted_proxies: Vec<String>,
     /// Sets [`Config::forwarded_header`].
     forwarded_header: String,
+    /// Sets [`Config::sse_retry`].
+    sse_retry: Duration,
+    /// Sets [`Config::max_poll_wait`].
+    max_poll_wait: Duration,
 }
 
 /// Where a setting came from; configuration errors name it.

@@ -32,7 +32,7 @@
 mod config;
 pub mod heartbeat;
 mod http;
-pub mod hub;
+mod hub;
 mod metrics;
 mod net;
 pub mod proto;
@@ -42,7 +42,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use config::{Config, ConfigError, ConfigSource};
-pub use hub::{PublishError, Published};
+pub use hub::{PollError, PublishError, Published, StateWritten, SubscribeError, TopicError};
 pub use metrics::{ClosedStats, Stats};
 pub use net::{LISTEN_BACKLOG, listen};
 

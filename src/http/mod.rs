@@ -1,6 +1,12 @@
-//! HTTP endpoints: routing, publishing, health, stats and metrics.
+//! HTTP endpoints: routing, publishing, polling and long-polling, the WebSocket upgrade,
+//! SSE requests, health, stats and metrics.
 
 mod conditional;
+pub(crate) mod context;
+mod cors;
+pub(crate) mod limits;
+pub(crate) mod sse;
+pub(crate) mod upgrade;
 
 use std::sync::Arc;
 
@@ -11,11 +17,11 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::topics::TopicError;
-use crate::hub::{Hub, PollError, PublishError, StateWritten};
+use crate::hub::{Hub, PollError, PublishError, StateWritten, TopicError};
 use crate::metrics::MetricsFormat;
-use crate::net::{Mode, upgrade};
 use crate::proto::json::JsonLimitError;
+use crate::proto::session::Mode;
+use upgrade::upgrade;
 
 /// A JSON error body: `{"code": "...", "message": "..."}`.
 #[derive(Debug, Serialize)]
@@ -24,8 +30,15 @@ struct ErrorBody<'a> {
     message: &'a str,
 }
 
+/// A response that refuses a request, boxed: returned in `Err` where the `Ok` is small.
+pub(crate) type Refusal = Box<Response<Full<Bytes>>>;
+
 /// Builds an error response with a stable `code`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response<Full<Bytes>> {
     json_response(status, &ErrorBody { code, message })
 }
 
@@ -53,13 +66,16 @@ fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Routes one request.
-pub async fn route(
+pub(crate) async fn route(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let Some(response) = cors::preflight(hub.config(), &req, segments.as_slice()) {
+        return response;
+    }
     match segments.as_slice() {
         // The upgrade validates the method itself, so a wrong one gets the handshake's error.
         ["ws"] => upgrade(hub, tracker, req, Mode::Gateway, None),
@@ -105,14 +121,19 @@ pub async fn route(
             let topic = percent_decode(topic);
             match *req.method() {
                 Method::POST => publish(hub, &topic, req).await,
-                Method::GET => poll(hub, &topic, &req),
+                Method::GET => cors::readable(hub.config(), &req, poll(hub, &topic, &req).await),
                 _ => method_not_allowed("GET, POST"),
             }
         }
+        // An SSE request on a kept-alive connection; a first request never reaches hyper.
+        ["v1", "sse"] | ["v1", "topics", _, "sse"] => match *req.method() {
+            Method::GET => sse::reconnect_elsewhere(),
+            _ => method_not_allowed("GET"),
+        },
         ["v1", "topics", topic, "state"] => {
             let topic = percent_decode(topic);
             match *req.method() {
-                Method::GET => get_state(hub, &topic, &req),
+                Method::GET => cors::readable(hub.config(), &req, get_state(hub, &topic, &req)),
                 Method::PUT => put_state(hub, &topic, req).await,
                 Method::PATCH => patch_state(hub, &topic, req).await,
                 _ => method_not_allowed("GET, PUT, PATCH"),
@@ -174,7 +195,7 @@ struct PublishedBody<'a> {
 }
 
 /// The HTTP answer to a refused publication or state write.
-pub fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
+pub(crate) fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
     let (status, code) = match e {
         PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
         PublishError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
@@ -246,10 +267,12 @@ const DEFAULT_POLL_LIMIT: usize = 100;
 /// Most events one poll returns: bounds what a single request can cost.
 const MAX_POLL_LIMIT: usize = 1000;
 
-/// `GET /v1/topics/{topic}/events?since=N&limit=M`: the polling fallback.
-fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// `GET /v1/topics/{topic}/events?since=N&limit=M&wait=S`: the polling fallback; with
+/// `wait`, a long-poll that answers as soon as something newer exists.
+async fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let mut since = String::new();
     let mut limit = DEFAULT_POLL_LIMIT;
+    let mut wait = std::time::Duration::ZERO;
     for pair in req
         .uri()
         .query()
@@ -270,10 +293,32 @@ fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>
                     );
                 }
             },
+            "wait" => match value.parse::<u64>() {
+                Ok(seconds) => {
+                    wait = std::time::Duration::from_secs(seconds).min(hub.config().max_poll_wait)
+                }
+                Err(_) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_wait",
+                        "wait must be a whole number of seconds",
+                    );
+                }
+            },
             _ => {}
         }
     }
-    match hub.poll(topic, &since, limit) {
+    let polled = if wait.is_zero() {
+        hub.poll(topic, &since, limit)
+    } else {
+        // Shutdown answers a waiting poller at once with what there is.
+        let stop = context::BodyDeadline::of(req).stop;
+        tokio::select! {
+            polled = hub.poll_wait(topic, &since, limit, wait) => polled,
+            () = stop.cancelled() => hub.poll(topic, &since, limit),
+        }
+    };
+    match polled {
         Ok(body) => {
             let etag = poll_etag(&body);
             if is_not_modified(req, &etag) {
@@ -478,7 +523,7 @@ fn state_written(result: Result<StateWritten, PublishError>) -> Response<Full<By
 /// length is announced. A body that takes longer than `body_timeout` is a 408, and one
 /// still arriving when shutdown starts a 503; both close the connection.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Full<Bytes>>> {
-    let deadline = crate::net::BodyDeadline::of(&req);
+    let deadline = context::BodyDeadline::of(&req);
     let too_large = || publish_error(&PublishError::TooLarge { limit });
     let announced = req
         .headers()
@@ -494,10 +539,10 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
     );
     let read = tokio::select! {
         read = read => read,
-        () = deadline.stop.cancelled() => return Err(crate::net::shutting_down_response()),
+        () = deadline.stop.cancelled() => return Err(context::shutting_down_response()),
     };
     let Ok(read) = read else {
-        return Err(crate::net::request_timeout_response());
+        return Err(context::request_timeout_response());
     };
     match read {
         Ok(collected) => Ok(collected.to_bytes()),
@@ -511,7 +556,7 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
 }
 
 /// Decodes `%XX` escapes in a path segment (a client may escape the `:` of a topic).
-fn percent_decode(segment: &str) -> String {
+pub(crate) fn percent_decode(segment: &str) -> String {
     if !segment.contains('%') {
         return segment.to_owned();
     }

@@ -6,18 +6,19 @@
 //! each shard keeps publication order.
 
 mod backlog;
-pub mod connection;
-pub mod index;
-pub mod peers;
+mod job;
+mod outbox;
+mod peer;
+pub(crate) mod peers;
 mod requests;
-pub mod shard;
-pub mod topics;
+mod shard;
+mod sse;
+pub(crate) mod topics;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use crossbeam_channel::Sender;
 
 use crate::Config;
 use crate::metrics::{CloseReason, Metrics};
@@ -26,9 +27,11 @@ use crate::proto::json::JsonLimitError;
 use crate::proto::versioned::{PollPage, TopicStatus, encode_poll_body};
 use crate::topic::{HistoryLimits, NameError, StateError, StateLimits, Version, validate_topic};
 use backlog::{Backlog, JOB_OVERHEAD, Ticket};
-pub use connection::Mode;
-pub use index::{Index, SlotId};
-use topics::{Content, Publication, Topic, TopicError, TopicLimits, Topics};
+use job::{Job, ShardHandle, Shared};
+pub(crate) use job::{Open, SseOpen};
+pub(crate) use sse::parse_last_event_id;
+pub use topics::TopicError;
+use topics::{Content, Publication, Topic, TopicLimits, Topics};
 
 /// The result of a successful publication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,84 +141,9 @@ impl SubscribeError {
     }
 }
 
-/// Work for a shard.
-pub enum Job {
-    /// Write a publication's frame to every subscriber of its topic.
-    Publish(Publication),
-    /// Adopt an upgraded socket; `leftover` holds bytes read past the HTTP request.
-    Register {
-        /// The socket, non-blocking.
-        stream: std::net::TcpStream,
-        /// Bytes the client sent after its upgrade request.
-        leftover: Vec<u8>,
-        /// What the connection serves.
-        mode: Mode,
-        /// A topic to subscribe at once (snapshot first), for `GET /ws/{app}/{profile}`.
-        subscribe: Option<String>,
-        /// The client's place under `max_connections_per_ip`, given back when dropped.
-        peer: crate::hub::peers::IpSlot,
-    },
-    /// Close every connection, after the publications queued before this job.
-    CloseAll {
-        /// The close code.
-        code: CloseCode,
-        /// The close reason.
-        reason: &'static str,
-    },
-    /// Drop every connection at once (the shutdown deadline passed).
-    DropAll,
-}
-
-/// What the shards share with the rest of the gateway.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration in force.
-    pub config: Config,
-    /// The counters.
-    pub metrics: Metrics,
-    /// The topics.
-    pub topics: Topics,
-    /// The publish queues' bound.
-    backlog: Arc<Backlog>,
-    /// WebSocket connections open or being upgraded.
-    open: AtomicUsize,
-    /// Signalled whenever a connection ends, for shutdown's drain.
-    drained: tokio::sync::Notify,
-    shutting_down: AtomicBool,
-}
-
-impl Shared {
-    /// Whether the gateway is shutting down.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
-    }
-
-    /// Counts a connection as ended.
-    pub fn connection_released(&self, reason: CloseReason) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.connection_closed(reason);
-        self.drained.notify_waiters();
-    }
-}
-
-#[derive(Debug)]
-struct ShardHandle {
-    jobs: Sender<Job>,
-    waker: Arc<mio::Waker>,
-}
-
-impl ShardHandle {
-    fn send(&self, job: Job) {
-        // Sending fails only once the shard thread is gone, which happens only on drop.
-        if self.jobs.send(job).is_ok() {
-            let _ = self.waker.wake();
-        }
-    }
-}
-
 /// The shared core of a gateway.
 #[derive(Debug)]
-pub struct Hub {
+pub(crate) struct Hub {
     shared: Arc<Shared>,
     shards: Vec<ShardHandle>,
     next_shard: AtomicUsize,
@@ -307,22 +235,20 @@ impl Hub {
         self.shared.connection_released(CloseReason::IoError);
     }
 
-    /// Hands an upgraded socket (with a reserved place) to the next shard.
+    /// Hands a socket whose request was answered (with a reserved place) to the next shard.
     pub fn register(
         &self,
         stream: std::net::TcpStream,
         leftover: Vec<u8>,
-        mode: Mode,
-        subscribe: Option<String>,
-        peer: crate::hub::peers::IpSlot,
+        open: Open,
+        ip: peers::IpSlot,
     ) {
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
         self.shards[shard].send(Job::Register {
             stream,
             leftover,
-            mode,
-            subscribe,
-            peer,
+            open,
+            ip,
         });
     }
 
@@ -398,8 +324,9 @@ impl Hub {
     fn hand_off(&self, mut publication: Publication, ticket: Option<Ticket>) {
         if let Some(ticket) = ticket {
             ticket.settle(publication.frame.len() + JOB_OVERHEAD * self.shards.len());
-            publication.ticket = Some(Arc::new(ticket));
+            publication.ticket = Some(ticket);
         }
+        let publication = Arc::new(publication);
         for shard in &self.shards {
             shard.send(Job::Publish(publication.clone()));
         }
@@ -416,6 +343,7 @@ impl Hub {
         let (topic, offset) = self.retrying(topic, |topic| {
             topics.publish_event(topic, data, |p| self.hand_off(p, ticket.take()))
         })?;
+        wake_pollers(&topic);
         self.shared.metrics.published();
         Ok(Published {
             topic: topic.name.to_string(),
@@ -469,6 +397,7 @@ impl Hub {
             })
         })?;
         if changed {
+            wake_pollers(&topic);
             self.shared.metrics.published();
         }
         Ok(StateWritten {
@@ -496,6 +425,50 @@ impl Hub {
     /// be the topic's), at most `limit` and about `max_poll_bytes`, as the JSON body of
     /// `GET .../events`.
     pub fn poll(&self, topic: &str, since: &str, limit: usize) -> Result<Vec<u8>, PollError> {
+        self.poll_page(topic, since, limit).map(|(body, _)| body)
+    }
+
+    /// The long-poll: as [`Hub::poll`], but when there is nothing after `since` yet (and
+    /// the topic is open), waits up to `wait` for a publication first.
+    pub async fn poll_wait(
+        &self,
+        topic: &str,
+        since: &str,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<Vec<u8>, PollError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (body, news) = self.poll_page(topic, since, limit)?;
+            if news || wait.is_zero() {
+                return Ok(body);
+            }
+            let Some(current) = self.shared.topics.get(topic) else {
+                return Ok(body);
+            };
+            let _waiting = Poller::enter(&current);
+            let notified = current.changed.notified();
+            tokio::pin!(notified);
+            // Registered before looking again, so a publication in between is not missed.
+            notified.as_mut().enable();
+            let (body, news) = self.poll_page(topic, since, limit)?;
+            if news {
+                return Ok(body);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(body);
+            }
+        }
+    }
+
+    /// A poll page, and whether it has anything a waiting poller would wake for (entries,
+    /// or the topic's end).
+    fn poll_page(
+        &self,
+        topic: &str,
+        since: &str,
+        limit: usize,
+    ) -> Result<(Vec<u8>, bool), PollError> {
         let topic = self.topic(topic).map_err(|e| match e {
             PublishError::InvalidTopic(e) => PollError::InvalidTopic(e),
             PublishError::Topic(TopicError::TooManyTopics { limit }) => {
@@ -533,6 +506,7 @@ impl Hub {
         let page = state
             .history
             .page(offset, limit, self.shared.config.max_poll_bytes);
+        let news = page.entries.len() > 0 || page.truncated.is_some() || state.closed;
         let epoch_hex = epoch.to_string();
         let poll_page = PollPage {
             topic: &topic.name,
@@ -546,9 +520,9 @@ impl Hub {
             },
             more: page.more,
         };
-        Ok(encode_poll_body(
-            &poll_page,
-            page.entries.map(|e| (e.offset, &e.data[..])),
+        Ok((
+            encode_poll_body(&poll_page, page.entries.map(|e| (e.offset, &e.data[..]))),
+            news,
         ))
     }
 
@@ -559,9 +533,10 @@ impl Hub {
         let cost = self.queue_cost(name, 0);
         let mut ticket = Some(self.shared.backlog.admit_always(&topic, cost));
         let topics = &self.shared.topics;
-        let (_, version) = self.retrying(topic, |topic| {
+        let (topic, version) = self.retrying(topic, |topic| {
             topics.close(topic, |p| self.hand_off(p, ticket.take()))
         })?;
+        wake_pollers(&topic);
         Ok(version)
     }
 
@@ -667,6 +642,29 @@ pub enum PollError {
 impl From<StateError> for PublishError {
     fn from(e: StateError) -> Self {
         PublishError::Topic(TopicError::State(e))
+    }
+}
+
+/// Wakes the long-polls waiting on `topic`, if any.
+fn wake_pollers(topic: &Topic) {
+    if topic.pollers.load(Ordering::SeqCst) > 0 {
+        topic.changed.notify_waiters();
+    }
+}
+
+/// One long-poll waiting on a topic, counted while it lives.
+struct Poller<'a>(&'a Topic);
+
+impl<'a> Poller<'a> {
+    fn enter(topic: &'a Topic) -> Poller<'a> {
+        topic.pollers.fetch_add(1, Ordering::SeqCst);
+        Poller(topic)
+    }
+}
+
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        self.0.pollers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -9,28 +9,28 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::connection::{Admit, Connection, Inbound, Subscription};
-use super::index::{Index, SlotId, Sub};
+use super::SubscribeError;
+use super::job::Shared;
+use super::peer::{Admit, Peer, Subscription};
 use super::topics::Content;
-use super::{Shared, SubscribeError};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::message::{
     ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
 };
 use crate::proto::versioned::{encode_closed, encode_history_truncated};
+use crate::topic::index::{Index, SlotId, Sub};
 use crate::topic::{Filter, Pattern, Since, Version, validate_topic};
 
 /// Serves one protocol request; failures answer with `error` and keep the connection.
 pub(super) fn serve(
-    conn: &mut Connection,
-    inbound: Inbound<'_>,
+    conn: &mut Peer,
+    text: &str,
     slot: SlotId,
     index: &mut Index,
     shared: &Shared,
     clock_ms: u32,
 ) {
-    let Inbound::Request(text) = inbound;
     let rate = shared.config.rate_limit;
     match conn.limiter.admit(rate, clock_ms) {
         Admit::Yes => {}
@@ -54,8 +54,8 @@ pub(super) fn serve(
     let reply = match parse_client(text, shared.config.max_json_depth) {
         Err(e) => error_frame(e.code(), &e.to_string(), None),
         Ok(ClientMessage::Subscribe(req)) => {
-            match subscribe(conn, slot, index, shared, &req) {
-                Ok(frames) => {
+            match subscribe(conn, slot, index, shared, &req, None) {
+                Ok(Opened { frames, .. }) => {
                     let ack = ServerMessage::Subscribed {
                         id: req.id.as_ref(),
                         topics: &req.topics,
@@ -120,6 +120,19 @@ pub(super) fn error_frame(code: &str, message: &str, id: Option<&serde_json::Val
     .to_frame()
 }
 
+/// What a subscription sends before live publications, and (for an SSE cursor) the version
+/// each exact topic started from.
+#[derive(Debug, Default)]
+pub(super) struct Opened {
+    /// Acknowledgements aside: snapshots, replays, `history_truncated`, `closed`.
+    pub frames: Vec<Bytes>,
+    /// Each new exact topic and its version when it was attached.
+    pub marks: Vec<(Arc<str>, Version)>,
+}
+
+/// Most topics an SSE pattern stream's resume replays (the registry scan stops there).
+const MAX_PATTERN_RESUME_TOPICS: usize = 1024;
+
 /// Subscribes a connection to topics and patterns, all or nothing. Subscribing to what is
 /// already subscribed is a no-op.
 ///
@@ -129,12 +142,13 @@ pub(super) fn error_frame(code: &str, message: &str, id: Option<&serde_json::Val
 /// history has. The index entry records the topic's offset at that moment, so publications
 /// already on their way to this shard are not sent twice, and none after it is missed.
 pub(super) fn subscribe(
-    conn: &mut Connection,
+    conn: &mut Peer,
     slot: SlotId,
     index: &mut Index,
     shared: &Shared,
     req: &SubscriptionRequest,
-) -> Result<Vec<Bytes>, SubscribeError> {
+    base_ms: Option<u64>,
+) -> Result<Opened, SubscribeError> {
     for t in &req.topics {
         validate_topic(t)?;
     }
@@ -212,14 +226,34 @@ pub(super) fn subscribe(
     // Exactly the room needed: most connections subscribe once, to one topic.
     conn.subscriptions
         .reserve_exact(new_topics.len() + new_patterns.len());
-    let mut frames = Vec::new();
+    let mut opened = Opened::default();
     for t in new_topics {
         let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
         match attach(conn, slot, index, shared, t, from, filter.clone()) {
-            Ok(attached) => frames.extend(attached),
+            Ok((attached, version)) => {
+                opened.frames.extend(attached);
+                if let Some(Subscription::Topic(name)) = conn.subscriptions.last() {
+                    opened.marks.push((name.clone(), version));
+                }
+            }
             // Swept and refilled by others between the check and here: say so, go on.
-            Err(e) => frames.push(error_frame(e.code(), &e.to_string(), req.id.as_ref())),
+            Err(e) => opened
+                .frames
+                .push(error_frame(e.code(), &e.to_string(), req.id.as_ref())),
         }
+    }
+    if let Some(base_ms) = base_ms
+        && !new_patterns.is_empty()
+    {
+        replay_patterns(
+            shared,
+            req,
+            &new_patterns,
+            &since,
+            base_ms,
+            filter.as_deref(),
+            &mut opened,
+        );
     }
     for p in new_patterns {
         index.add_pattern(
@@ -232,22 +266,82 @@ pub(super) fn subscribe(
         );
         conn.subscriptions.push(Subscription::Pattern(Box::new(p)));
     }
-    Ok(frames)
+    Ok(opened)
+}
+
+/// A resumed SSE pattern stream: what the topics its patterns match (other than its exact
+/// topics) published while it was away. A topic in the cursor resumes after its version;
+/// one not in it replays what was published since the stream's base time. Publications
+/// also on their way live are written once: the stream's cursor skips what it delivered.
+fn replay_patterns(
+    shared: &Shared,
+    req: &SubscriptionRequest,
+    patterns: &[Pattern],
+    since: &[(&str, Version)],
+    base_ms: u64,
+    filter: Option<&Filter>,
+    opened: &mut Opened,
+) {
+    let now = std::time::Instant::now();
+    let age = std::time::Duration::from_millis(now_ms().saturating_sub(base_ms));
+    let base = now.checked_sub(age);
+    let topics = shared.topics.matching(MAX_PATTERN_RESUME_TOPICS, |name| {
+        !req.topics.iter().any(|t| t == name) && patterns.iter().any(|p| p.matches(name))
+    });
+    let passes = |e: &crate::topic::Entry| filter.is_none_or(|f| f.matches_fields(e.fields()));
+    for topic in topics {
+        let state = topic.state.lock();
+        if state.retired {
+            continue;
+        }
+        let version = state.history.version();
+        match since.iter().find(|(name, _)| **name == *topic.name) {
+            Some((_, from)) => match state.history.resume(*from) {
+                Since::Replay(entries) => opened
+                    .frames
+                    .extend(entries.filter(|e| passes(e)).map(|e| e.frame.clone())),
+                Since::Truncated {
+                    first_available,
+                    entries,
+                } => {
+                    let first = Version::new(version.epoch, first_available);
+                    opened.frames.push(encode_history_truncated(
+                        &topic.name,
+                        Some(from.to_buf().as_str()),
+                        first.to_buf().as_str(),
+                        version.to_buf().as_str(),
+                        now_ms(),
+                    ));
+                    opened
+                        .frames
+                        .extend(entries.filter(|e| passes(e)).map(|e| e.frame.clone()));
+                }
+                Since::Ahead { .. } => {}
+            },
+            None => opened.frames.extend(
+                state
+                    .history
+                    .iter()
+                    .filter(|e| base.is_none_or(|b| e.at >= b) && passes(e))
+                    .map(|e| e.frame.clone()),
+            ),
+        }
+    }
 }
 
 /// Adds one topic subscription; returns what the client needs before live publications.
 pub(super) fn attach(
-    conn: &mut Connection,
+    conn: &mut Peer,
     slot: SlotId,
     index: &mut Index,
     shared: &Shared,
     name: &str,
     since: Option<Version>,
     filter: Option<Arc<Filter>>,
-) -> Result<Vec<Bytes>, SubscribeError> {
+) -> Result<(Vec<Bytes>, Version), SubscribeError> {
     let mut frames: Vec<Bytes> = Vec::new();
     let after;
-    let topic = loop {
+    let (topic, at) = loop {
         let topic = shared
             .topics
             .get_or_create(name, || shared.metrics.topic_created())
@@ -306,7 +400,7 @@ pub(super) fn attach(
         }
         after = mark;
         drop(guard);
-        break topic;
+        break (topic, version);
     };
     index.add_topic(
         &topic.name,
@@ -318,12 +412,12 @@ pub(super) fn attach(
     );
     conn.subscriptions
         .push(Subscription::Topic(topic.name.clone()));
-    Ok(frames)
+    Ok((frames, at))
 }
 
 /// `resync`: sends again what the client missed on a subscribed topic since `last_version`.
 pub(super) fn resync(
-    conn: &mut Connection,
+    conn: &mut Peer,
     slot: SlotId,
     index: &mut Index,
     shared: &Shared,
@@ -360,12 +454,12 @@ pub(super) fn resync(
     conn.subscriptions.swap_remove(position);
     index.remove_topic(topic, slot);
     detach(shared, topic);
-    attach(conn, slot, index, shared, topic, Some(version), filter)
+    attach(conn, slot, index, shared, topic, Some(version), filter).map(|(frames, _)| frames)
 }
 
 /// Removes subscriptions; names not subscribed are ignored, malformed ones refused.
 pub(super) fn unsubscribe(
-    conn: &mut Connection,
+    conn: &mut Peer,
     slot: SlotId,
     index: &mut Index,
     shared: &Shared,

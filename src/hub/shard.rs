@@ -1,7 +1,8 @@
-//! A shard: one thread with its own event loop (mio), owning a share of the connections.
+//! A shard: one thread with its own event loop (mio), owning a share of the peers
+//! (WebSocket connections and SSE streams alike).
 //!
-//! The thread owns its connections outright: their sockets, outboxes and protocol state
-//! live in its slab, and its subscription index maps topics to slab slots. Publications,
+//! The thread owns its peers outright: their sockets, outboxes and protocol state live in
+//! its slab, and its subscription index maps topics to slab slots. Publications,
 //! new connections and shutdown arrive as jobs on a channel, with a waker to interrupt the
 //! poll. Because a publication goes to every shard at once, its fan-out runs on every core,
 //! and each socket is written by the thread that owns it: no lock, no task wake-up, one
@@ -16,19 +17,20 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::connection::{
-    Connection, Delivery, ECHO_MAX_MESSAGE, Mode, Phase, RateLimiter, Subscription,
-};
-use super::index::{Index, SlotId};
+use super::job::{Job, Open, Shared, SseOpen};
+use super::peer::{Delivery, Peer, RateLimiter, Received, Subscription, Transport};
 use super::requests::{detach, error_frame, serve, subscribe};
+use super::sse::SseStream;
 use super::topics::{Content, Publication};
-use super::{Job, Shared};
-use crate::heartbeat::{self, Action, Wheel};
+use crate::heartbeat::{self, Wheel};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::frame::{self, Kind};
 use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
+use crate::proto::session::{Due, Mode, Output, Phase, Session, Timing};
+use crate::proto::sse;
 use crate::proto::versioned::encode_closed;
+use crate::topic::index::{Index, SlotId};
 use crate::topic::{EventFields, Version};
 
 /// The token of the shard's waker; connection tokens are slab keys.
@@ -56,11 +58,11 @@ const JOBS_PER_TURN: usize = 4096;
 const FANOUT_BUDGET: usize = 256;
 
 /// One shard's event loop and everything it owns.
-pub struct Shard {
+pub(crate) struct Shard {
     poll: Poll,
     jobs: Receiver<Job>,
     shared: Arc<Shared>,
-    slots: Slab<Connection>,
+    slots: Slab<Peer>,
     index: Index,
     /// Sequence number of the last publication fanned out, for once-per-connection delivery.
     seq: u64,
@@ -70,9 +72,7 @@ pub struct Shard {
     scratch: Box<[u8]>,
     started: Instant,
     tick: Duration,
-    interval_ticks: u32,
-    timeout_ticks: u32,
-    close_ticks: u32,
+    timing: Timing,
     /// Connections whose read budget ran out with data possibly left (edge-triggered
     /// readiness will not report them again).
     more_to_read: Vec<(SlotId, u32)>,
@@ -85,13 +85,14 @@ pub struct Shard {
     inbound_total: usize,
     inbound_share: usize,
     /// Publications not fanned out yet, per topic, in offset order.
-    pending: HashMap<Arc<str>, VecDeque<Publication>>,
+    pending: HashMap<Arc<str>, VecDeque<Arc<Publication>>>,
     /// Topics with pending publications, served round-robin one publication at a time, so a
     /// flooded topic delays another topic's publication by at most one of its own.
     ready: VecDeque<Arc<str>>,
     /// Reused buffers.
     targets: Vec<SlotId>,
     due: Vec<(SlotId, u32)>,
+    outputs: Vec<Output>,
 }
 
 impl Shard {
@@ -104,10 +105,16 @@ impl Shard {
         let inbound_share = config.max_inbound_buffered_bytes / shards;
         let tick = heartbeat::tick_for(config.ping_interval, config.pong_timeout)
             .min((config.close_timeout / 10).max(heartbeat::MIN_TICK));
-        let interval_ticks = heartbeat::ticks(config.ping_interval, tick);
-        let timeout_ticks = heartbeat::ticks(config.pong_timeout, tick);
-        let close_ticks = heartbeat::ticks(config.close_timeout, tick);
-        let span = (interval_ticks + timeout_ticks).max(close_ticks);
+        let timing = Timing {
+            interval: if config.ping_interval.is_zero() {
+                0
+            } else {
+                heartbeat::ticks(config.ping_interval, tick)
+            },
+            timeout: heartbeat::ticks(config.pong_timeout, tick),
+            close: heartbeat::ticks(config.close_timeout, tick),
+        };
+        let span = (timing.interval + timing.timeout).max(timing.close);
         Shard {
             poll,
             jobs,
@@ -120,9 +127,7 @@ impl Shard {
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             started: Instant::now(),
             tick,
-            interval_ticks,
-            timeout_ticks,
-            close_ticks,
+            timing,
             more_to_read: Vec::new(),
             queued_total: 0,
             queued_share,
@@ -132,6 +137,7 @@ impl Shard {
             ready: VecDeque::new(),
             targets: Vec::new(),
             due: Vec::new(),
+            outputs: Vec::new(),
         }
     }
 
@@ -210,17 +216,16 @@ impl Shard {
             Job::Register {
                 stream,
                 leftover,
-                mode,
-                subscribe,
-                peer,
-            } => self.register(stream, &leftover, mode, subscribe, peer),
+                open,
+                ip,
+            } => self.register(stream, &leftover, open, ip),
             Job::CloseAll { code, reason } => {
                 // Everything accepted before shutdown goes out before the close frames.
                 self.serve_pending(usize::MAX);
                 let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
                 for key in keys {
-                    if let Some(conn) = self.slots.get_mut(key) {
-                        conn.close(code, reason, CloseReason::Shutdown, true);
+                    if let Some(peer) = self.slots.get_mut(key) {
+                        peer.close(code, reason, CloseReason::Shutdown, true);
                     }
                     self.settle(key as SlotId);
                 }
@@ -230,7 +235,7 @@ impl Shard {
     }
 
     /// Queues a publication behind its topic's earlier ones.
-    fn enqueue(&mut self, publication: Publication) {
+    fn enqueue(&mut self, publication: Arc<Publication>) {
         let queue = self.pending.entry(publication.topic.clone()).or_default();
         if queue.is_empty() {
             self.ready.push_back(publication.topic.clone());
@@ -271,25 +276,20 @@ impl Shard {
     /// that has not already had it (snapshot or replay) and whose filter matches.
     /// Returns the deliveries attempted. Its ticket (the publication's place in the publish
     /// queues) is given back when this returns, once every shard has done the same.
-    fn fan_out(&mut self, publication: Publication) -> usize {
-        let Publication {
-            topic,
-            offset,
-            frame,
-            data,
-            ticket: _ticket,
-        } = publication;
+    fn fan_out(&mut self, publication: Arc<Publication>) -> usize {
+        let topic = &publication.topic;
+        let offset = publication.offset;
         self.seq += 1;
         let seq = self.seq;
         let targets = &mut self.targets;
         // Parsed at most once per publication, and only if some subscriber filters.
         let mut fields: Option<EventFields> = None;
-        self.index.for_each_match(&topic, |sub| {
+        self.index.for_each_match(topic, |sub| {
             if offset <= sub.after {
                 return;
             }
             if let Some(filter) = &sub.filter {
-                let Some(data) = &data else {
+                let Some(data) = &publication.data else {
                     return;
                 };
                 let fields = fields.get_or_insert_with(|| EventFields::parse(data));
@@ -303,44 +303,46 @@ impl Shard {
         let mut delivered = 0;
         let mut unsettled = Vec::new();
         for slot in self.targets.drain(..) {
-            let Some(conn) = self.slots.get_mut(slot as usize) else {
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
                 continue;
             };
-            if conn.last_seq == seq {
+            if peer.last_seq == seq {
                 continue;
             }
-            conn.last_seq = seq;
-            match conn.send(frame.clone()) {
+            peer.last_seq = seq;
+            match peer.deliver(&publication) {
                 Delivery::Written => delivered += 1,
                 Delivery::Queued => {
                     delivered += 1;
-                    reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
+                    reconcile(peer, &mut self.queued_total, &mut self.inbound_total);
                     // The socket was full: ask to hear when it drains. Past the shard's
                     // share of the queue budget, it is treated as a slow consumer.
-                    if !conn.write_interest || self.queued_total > self.queued_share {
+                    if !peer.write_interest || self.queued_total > self.queued_share {
                         unsettled.push(slot);
                     }
                 }
                 Delivery::Overflowed => unsettled.push(slot),
-                // The write just failed: end the connection now.
-                Delivery::Dropped if conn.phase == Phase::Broken => unsettled.push(slot),
-                // Closing: nothing changed, nothing to do (and no write to try).
+                // The write just failed: end the peer now.
+                Delivery::Dropped if peer.phase() == Phase::Broken => unsettled.push(slot),
+                // Closing (or a multi-topic stream that already had it): nothing to do.
                 Delivery::Dropped => {}
             }
         }
         self.shared.metrics.delivered(delivered);
         for slot in unsettled {
             let force = self.queued_total > self.queued_share;
-            self.on_overflow(slot, &topic, offset, force);
+            self.on_overflow(slot, topic, offset, force);
             self.settle(slot);
         }
         if self.targets.capacity() > 4096 {
             self.targets.shrink_to(4096);
         }
+        // The ticket (the publication's place in the publish queues) is given back when the
+        // last shard drops its reference.
         attempted
     }
 
-    /// A connection whose queue overflowed on `topic`'s publication `offset`. One that
+    /// A peer whose queue overflowed on `topic`'s publication `offset`. One that
     /// follows only state documents drops its backlog for fresh snapshots. Any other gets
     /// what is already queued and then close 1013, whose reason names the last version
     /// queued, so it resumes exactly with `since` (or is told by `history_truncated` what
@@ -348,13 +350,13 @@ impl Shard {
     /// With `force` it acts though the connection is within its own limit: the shard is
     /// over its share of `max_queued_total_bytes`.
     fn on_overflow(&mut self, slot: SlotId, topic: &str, offset: u64, force: bool) {
-        let Some(conn) = self.slots.get_mut(slot as usize) else {
+        let Some(peer) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        if !conn.phase.is_open() || !(force || conn.over_limit()) {
+        if !peer.phase().is_open() || !(force || peer.over_limit()) {
             return;
         }
-        let topics: Vec<Arc<str>> = conn
+        let topics: Vec<Arc<str>> = peer
             .subscriptions
             .iter()
             .filter_map(|s| match s {
@@ -364,7 +366,7 @@ impl Shard {
             .collect();
         // Over the shared budget, fresh snapshots would only add to it: close instead.
         let state_only = !force
-            && topics.len() == conn.subscriptions.len()
+            && topics.len() == peer.subscriptions.len()
             && !topics.is_empty()
             && topics.iter().all(|t| {
                 self.shared
@@ -385,7 +387,7 @@ impl Shard {
                 }
                 None => "slow consumer; resume with since".to_string(),
             };
-            conn.close(
+            peer.close(
                 CloseCode::TryAgainLater,
                 &reason,
                 CloseReason::SlowConsumer,
@@ -393,7 +395,7 @@ impl Shard {
             );
             return;
         }
-        conn.drop_queued();
+        peer.drop_queued();
         for name in topics {
             let Some(topic) = self.shared.topics.get(&name) else {
                 continue;
@@ -415,9 +417,9 @@ impl Shard {
                 version.offset
             };
             self.index.set_after(&name, slot, after);
-            let _ = conn.send(snapshot);
+            let _ = peer.send_message(snapshot);
             if let Some(closed) = closed {
-                let _ = conn.send(closed);
+                let _ = peer.send_message(closed);
             }
         }
     }
@@ -426,15 +428,14 @@ impl Shard {
         &mut self,
         stream: std::net::TcpStream,
         leftover: &[u8],
-        mode: Mode,
-        subscribe_to: Option<String>,
-        peer: crate::hub::peers::IpSlot,
+        open: Open,
+        ip: crate::hub::peers::IpSlot,
     ) {
         let mut stream = mio::net::TcpStream::from_std(stream);
         let clock_ms = self.now_ms();
         let entry = self.slots.vacant_entry();
         let slot = entry.key();
-        // Readable only: writability is asked for only while frames are queued, since with
+        // Readable only: writability is asked for only while bytes are queued, since with
         // edge-triggered polling every ACK that frees send-buffer space would otherwise wake
         // the shard once per delivery.
         if let Err(e) = self
@@ -449,154 +450,169 @@ impl Shard {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let config = &self.shared.config;
-        let max_queued = match mode {
-            // An echoed message must fit the outbox whole.
-            Mode::Echo => config.max_queued_bytes.max(2 * ECHO_MAX_MESSAGE),
-            Mode::Gateway => config.max_queued_bytes,
-        };
         let now = self.wheel.now();
         let limiter = RateLimiter::new(config.rate_limit, clock_ms);
-        entry.insert(Connection::new(
-            stream, generation, mode, max_queued, now, limiter, peer,
+        let (transport, max_queued, subscribe_to) = match open {
+            Open::WebSocket { mode, subscribe } => {
+                let max_queued = match mode {
+                    // An echoed message must fit the outbox whole.
+                    Mode::Echo => config
+                        .max_queued_bytes
+                        .max(2 * crate::proto::session::ECHO_MAX_MESSAGE),
+                    Mode::Gateway => config.max_queued_bytes,
+                };
+                let request = subscribe.map(|topic| SubscriptionRequest {
+                    topics: vec![topic],
+                    ..SubscriptionRequest::default()
+                });
+                let session = Session::new(mode, now);
+                let transport = Transport::WebSocket(session);
+                (transport, max_queued, request.map(|r| (r, None)))
+            }
+            Open::Sse(SseOpen {
+                request,
+                single,
+                base_ms,
+            }) => {
+                let stream = if single {
+                    SseStream::single()
+                } else {
+                    let base =
+                        (!request.patterns.is_empty()).then(|| base_ms.unwrap_or_else(now_ms));
+                    SseStream::multi(&request.topics, base)
+                };
+                let transport = Transport::Sse(Box::new(stream));
+                (transport, config.max_queued_bytes, Some((request, base_ms)))
+            }
+        };
+        let is_sse = matches!(transport, Transport::Sse(_));
+        entry.insert(Peer::new(
+            stream, generation, transport, max_queued, limiter, ip,
         ));
         let slot = slot as SlotId;
-        tracing::debug!(slot, generation, ?mode, "websocket open");
-        if !config.ping_interval.is_zero() {
+        tracing::debug!(slot, generation, sse = is_sse, "peer open");
+        if self.timing.interval != 0 {
             self.wheel
-                .insert(now + u64::from(self.interval_ticks), (slot, generation));
+                .insert(now + u64::from(self.timing.interval), (slot, generation));
         }
-        if self.shared.is_shutting_down()
-            && let Some(conn) = self.slots.get_mut(slot as usize)
-        {
-            conn.close(
-                CloseCode::GoingAway,
-                "server shutting down",
-                CloseReason::Shutdown,
-                true,
-            );
-        }
-        if let Some(topic) = subscribe_to {
-            let request = SubscriptionRequest {
-                topics: vec![topic],
-                ..SubscriptionRequest::default()
-            };
-            let Shard {
-                slots,
-                index,
-                shared,
-                ..
-            } = self;
-            if let Some(conn) = slots.get_mut(slot as usize) {
-                match subscribe(conn, slot, index, shared, &request) {
-                    Ok(frames) => {
-                        let ack = ServerMessage::Subscribed {
-                            id: None,
-                            topics: &request.topics,
-                            patterns: &request.patterns,
-                            ts: now_ms(),
-                        };
-                        conn.send(ack.to_frame());
-                        for frame in frames {
-                            conn.send(frame);
-                        }
-                    }
-                    Err(e) => {
-                        conn.send(error_frame(e.code(), &e.to_string(), None));
-                    }
-                }
+        if let Some(peer) = self.slots.get_mut(slot as usize) {
+            if is_sse {
+                let retry = self.shared.config.sse_retry.as_millis() as u64;
+                let _ = peer.send(sse::retry(retry));
+            }
+            if let Some((request, base_ms)) = subscribe_to {
+                open_subscription(peer, slot, &mut self.index, &self.shared, &request, base_ms);
+            }
+            if self.shared.is_shutting_down() {
+                peer.close(
+                    CloseCode::GoingAway,
+                    "server shutting down",
+                    CloseReason::Shutdown,
+                    true,
+                );
             }
         }
         if !leftover.is_empty() {
-            let max_message = self.max_message(mode);
-            let now_ms = self.now_ms();
-            let Shard {
-                slots,
-                index,
-                shared,
-                ..
-            } = self;
-            if let Some(conn) = slots.get_mut(slot as usize) {
-                conn.on_leftover(leftover, max_message, &mut |c, inbound| {
-                    serve(c, inbound, slot, index, shared, now_ms)
-                });
-            }
+            let mut leftover = leftover.to_vec();
+            self.on_bytes(slot, &mut leftover, now);
         }
         self.settle(slot);
     }
 
-    fn max_message(&self, mode: Mode) -> usize {
-        match mode {
-            Mode::Gateway => self.shared.config.max_message_bytes,
-            Mode::Echo => ECHO_MAX_MESSAGE,
+    /// Feeds bytes a peer sent to its transport and serves what they complete.
+    fn on_bytes(&mut self, slot: SlotId, data: &mut [u8], now: u64) {
+        let max_message = self.shared.config.max_message_bytes;
+        let now_ms = self.now_ms();
+        let Some(peer) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let Transport::WebSocket(session) = peer.transport_mut() else {
+            // An SSE client has nothing to say after its request: ignored.
+            return;
+        };
+        let max_message = session.max_message(max_message);
+        let mut outputs = std::mem::take(&mut self.outputs);
+        session.handle_bytes(data, now, max_message, &mut outputs);
+        // Messages before a close in the same read were received while open: serve them.
+        peer.replying = true;
+        for output in outputs.drain(..) {
+            if matches!(output, Output::Close { .. }) {
+                peer.replying = false;
+            }
+            if let Some(text) = peer.apply(output) {
+                serve(peer, &text, slot, &mut self.index, &self.shared, now_ms);
+            }
         }
+        peer.replying = false;
+        self.outputs = outputs;
     }
 
     fn on_readable(&mut self, slot: SlotId) {
         let now = self.wheel.now().max(self.now_tick());
-        let now_ms = self.now_ms();
-        let Some(mode) = self.slots.get(slot as usize).map(|c| c.mode) else {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut alive = true;
+        let mut more = true;
+        for _ in 0..READ_BUDGET {
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                more = false;
+                break;
+            };
+            match peer.read(&mut scratch) {
+                Received::Bytes(n) => self.on_bytes(slot, &mut scratch[..n], now),
+                Received::WouldBlock => {
+                    more = false;
+                    break;
+                }
+                Received::Gone => {
+                    alive = false;
+                    more = false;
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        let Some(peer) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        let max_message = self.max_message(mode);
-        let Shard {
-            slots,
-            index,
-            shared,
-            scratch,
-            more_to_read,
-            ..
-        } = self;
-        let Some(conn) = slots.get_mut(slot as usize) else {
-            return;
-        };
-        conn.last_seen = now;
-        let mut more = false;
-        let alive = conn.read(
-            scratch,
-            max_message,
-            READ_BUDGET,
-            &mut more,
-            &mut |c, inbound| serve(c, inbound, slot, index, shared, now_ms),
-        );
         if !alive {
             // EOF or a read error: the peer is gone. Without a close frame first, that is
             // an I/O error; during a close handshake it ends the handshake.
-            conn.break_off(CloseReason::IoError);
+            peer.break_off(CloseReason::IoError);
         } else if more {
-            more_to_read.push((slot, conn.generation));
+            self.more_to_read.push((slot, peer.generation));
         }
         self.settle(slot);
     }
 
     fn on_writable(&mut self, slot: SlotId) {
-        if let Some(conn) = self.slots.get_mut(slot as usize)
-            && conn.has_queued()
+        if let Some(peer) = self.slots.get_mut(slot as usize)
+            && peer.has_queued()
         {
-            conn.flush();
+            peer.flush();
             self.settle(slot);
         }
     }
 
-    /// Moves a connection along after anything happened to it: flush what a reply queued,
-    /// end it when its close handshake is done or it broke, arm its close deadline.
+    /// Moves a peer along after anything happened to it: flush what a reply queued, end it
+    /// when its close is done or it broke, arm its close deadline.
     fn settle(&mut self, slot: SlotId) {
         let now = self.wheel.now().max(self.now_tick());
-        let Some(conn) = self.slots.get_mut(slot as usize) else {
+        let Some(peer) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
-        if self.inbound_total > self.inbound_share && conn.inbound_bytes() > 0 {
-            // The shard holds too much half-received input: this connection, which holds
-            // some of it, is told to come back later.
-            conn.shed_inbound();
+        reconcile(peer, &mut self.queued_total, &mut self.inbound_total);
+        if self.inbound_total > self.inbound_share && peer.inbound_bytes() > 0 {
+            // The shard holds too much half-received input: this peer, which holds some of
+            // it, is told to come back later.
+            peer.shed_inbound();
         }
         // While registered for writability the socket was full at the last try: wait for
         // the event instead of a write that would fail again.
-        if conn.has_queued() && conn.phase != Phase::Broken && !conn.write_interest {
-            conn.flush();
+        if peer.has_queued() && peer.phase() != Phase::Broken && !peer.write_interest {
+            peer.flush();
         }
-        let want_write = conn.has_queued() && conn.phase != Phase::Broken;
-        if want_write != conn.write_interest {
+        let want_write = peer.has_queued() && peer.phase() != Phase::Broken;
+        if want_write != peer.write_interest {
             let interest = if want_write {
                 Interest::READABLE | Interest::WRITABLE
             } else {
@@ -607,47 +623,50 @@ impl Shard {
             if self
                 .poll
                 .registry()
-                .reregister(conn.stream_mut(), Token(slot as usize), interest)
+                .reregister(peer.stream_mut(), Token(slot as usize), interest)
                 .is_ok()
             {
-                conn.write_interest = want_write;
+                peer.write_interest = want_write;
             }
         }
-        reconcile(conn, &mut self.queued_total, &mut self.inbound_total);
-        if conn.phase.is_open() && conn.over_limit() {
+        reconcile(peer, &mut self.queued_total, &mut self.inbound_total);
+        if peer.phase().is_open() && peer.over_limit() {
             // Overflowed by a reply or a ping rather than a publication.
-            conn.close(
+            peer.close(
                 CloseCode::TryAgainLater,
                 "slow consumer",
                 CloseReason::SlowConsumer,
                 true,
             );
         }
-        match conn.phase {
+        match peer.phase() {
             Phase::Open => {}
             Phase::Broken => self.finish(slot),
-            Phase::CloseReceived | Phase::Failed if !conn.has_queued() => self.finish(slot),
-            Phase::CloseSent | Phase::CloseReceived | Phase::Failed => {
-                if conn.close_deadline.is_none() {
-                    let deadline = now + u64::from(self.close_ticks);
-                    conn.close_deadline = Some(deadline);
-                    let generation = conn.generation;
+            Phase::Closing if !peer.has_queued() => self.finish(slot),
+            Phase::CloseSent | Phase::Closing => {
+                let generation = peer.generation;
+                let deadline = match peer.transport_mut() {
+                    Transport::WebSocket(session) => session.arm_close_deadline(now, &self.timing),
+                    // An SSE stream has no handshake, but its last bytes may never drain.
+                    Transport::Sse(stream) => stream.arm_close_deadline(now, &self.timing),
+                };
+                if let Some(deadline) = deadline {
                     self.wheel.insert(deadline, (slot, generation));
                 }
             }
         }
     }
 
-    /// Ends a connection: out of the index and the slab, counted, FIN to the peer.
+    /// Ends a peer: out of the index and the slab, counted, FIN to the client.
     fn finish(&mut self, slot: SlotId) {
         if !self.slots.contains(slot as usize) {
             return;
         }
-        let mut conn = self.slots.remove(slot as usize);
-        let (queued, inbound) = conn.accounted;
+        let mut peer = self.slots.remove(slot as usize);
+        let (queued, inbound) = peer.accounted;
         self.queued_total -= queued as usize;
         self.inbound_total -= inbound as usize;
-        for sub in conn.subscriptions.drain(..) {
+        for sub in peer.subscriptions.drain(..) {
             match sub {
                 Subscription::Topic(t) => {
                     self.index.remove_topic(&t, slot);
@@ -656,11 +675,11 @@ impl Shard {
                 Subscription::Pattern(p) => self.index.remove_pattern(&p, slot),
             }
         }
-        let _ = self.poll.registry().deregister(conn.stream_mut());
-        // Counted before the peer can see the end, so what it observes is already counted.
-        self.shared.connection_released(conn.reason);
-        tracing::debug!(slot, reason = ?conn.reason, "websocket closed");
-        conn.shutdown();
+        let _ = self.poll.registry().deregister(peer.stream_mut());
+        // Counted before the client can see the end, so what it observes is already counted.
+        self.shared.connection_released(peer.reason);
+        tracing::debug!(slot, reason = ?peer.reason, "peer closed");
+        peer.shutdown();
         if self.slots.is_empty() {
             // Release the slab's memory after a wave of connections has gone.
             self.slots.shrink_to_fit();
@@ -672,8 +691,8 @@ impl Shard {
         self.ready.clear();
         let keys: Vec<usize> = self.slots.iter().map(|(k, _)| k).collect();
         for key in keys {
-            if let Some(conn) = self.slots.get_mut(key) {
-                conn.break_off(reason);
+            if let Some(peer) = self.slots.get_mut(key) {
+                peer.break_off(reason);
             }
             self.finish(key as SlotId);
         }
@@ -683,79 +702,126 @@ impl Shard {
     fn on_tick(&mut self, now: u64) {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(now, &mut due);
-        let heartbeats = !self.shared.config.ping_interval.is_zero();
+        let mut outputs = std::mem::take(&mut self.outputs);
+        // One ping frame (and JSON ping) per tick, shared by every peer due.
         let mut ping: Option<Bytes> = None;
         let mut json_ping: Option<Bytes> = None;
         for (slot, generation) in due.drain(..) {
-            let Some(conn) = self.slots.get_mut(slot as usize) else {
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
                 continue;
             };
-            if conn.generation != generation {
+            if peer.generation != generation {
                 continue;
             }
-            if let Some(deadline) = conn.close_deadline {
-                if now >= deadline {
-                    // The peer never finished the close handshake.
-                    if conn.reason == CloseReason::Normal {
-                        conn.reason = CloseReason::Timeout;
-                    }
-                    conn.break_off(conn.reason);
-                    self.finish(slot);
-                } else {
-                    self.wheel.insert(deadline, (slot, generation));
+            let verdict = match peer.transport_mut() {
+                Transport::WebSocket(session) => {
+                    session.handle_timeout(now, &self.timing, &mut outputs)
                 }
-                continue;
-            }
-            if !heartbeats {
-                continue;
-            }
-            match heartbeat::decide(
-                &mut conn.beat,
-                now,
-                conn.last_seen,
-                self.interval_ticks,
-                self.timeout_ticks,
-            ) {
-                Action::Recheck(at) => self.wheel.insert(at, (slot, generation)),
-                Action::Ping(at) => {
-                    let ping = ping
-                        .get_or_insert_with(|| frame::encode(Kind::Ping, b""))
-                        .clone();
-                    let _ = conn.send(ping);
-                    if self.shared.config.json_ping {
-                        let json = json_ping
-                            .get_or_insert_with(|| ServerMessage::Ping { ts: now_ms() }.to_frame())
+                Transport::Sse(stream) => stream.handle_timeout(now, &self.timing),
+            };
+            match verdict {
+                Due::Never => {}
+                Due::At(at) => self.wheel.insert(at, (slot, generation)),
+                Due::Ping(at) => {
+                    if matches!(peer.transport(), Transport::Sse(_)) {
+                        let _ = peer.send(Bytes::from_static(sse::HEARTBEAT));
+                    } else {
+                        let ping = ping
+                            .get_or_insert_with(|| frame::encode(Kind::Ping, b""))
                             .clone();
-                        let _ = conn.send(json);
+                        let _ = peer.send(ping);
+                        if self.shared.config.json_ping {
+                            let json = json_ping
+                                .get_or_insert_with(|| {
+                                    ServerMessage::Ping { ts: now_ms() }.to_frame()
+                                })
+                                .clone();
+                            let _ = peer.send(json);
+                        }
                     }
                     self.wheel.insert(at, (slot, generation));
                     self.settle(slot);
                 }
-                Action::Close => {
-                    conn.close(
-                        CloseCode::Internal,
-                        "ping timeout",
-                        CloseReason::Timeout,
-                        false,
-                    );
+                Due::PongTimeout => {
+                    for output in outputs.drain(..) {
+                        let _ = peer.apply(output);
+                    }
+                    peer.reason = CloseReason::Timeout;
                     self.settle(slot);
                 }
+                Due::CloseTimeout => {
+                    // The client never finished the close handshake (or never read its last
+                    // bytes).
+                    if peer.reason == CloseReason::Normal {
+                        peer.reason = CloseReason::Timeout;
+                    }
+                    peer.break_off(peer.reason);
+                    self.finish(slot);
+                }
             }
+            outputs.clear();
         }
+        self.outputs = outputs;
         self.due = due;
     }
 }
 
-/// Brings the shard's budget totals up to date with what `conn` holds now.
-fn reconcile(conn: &mut Connection, queued_total: &mut usize, inbound_total: &mut usize) {
+/// Subscribes a new peer to what its request or stream named, and says so: a WebSocket
+/// gets `subscribed` (or an `error`) before its snapshots; an SSE stream gets its snapshots
+/// and replays, then its first cursor, or an `error` event and its end.
+fn open_subscription(
+    peer: &mut Peer,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    request: &SubscriptionRequest,
+    base_ms: Option<u64>,
+) {
+    let is_sse = matches!(peer.transport(), Transport::Sse(_));
+    match subscribe(peer, slot, index, shared, request, base_ms) {
+        Ok(opened) => {
+            if !is_sse {
+                let ack = ServerMessage::Subscribed {
+                    id: None,
+                    topics: &request.topics,
+                    patterns: &request.patterns,
+                    ts: now_ms(),
+                };
+                peer.send(ack.to_frame());
+            }
+            for frame in opened.frames {
+                peer.send_message(frame);
+            }
+            if let Transport::Sse(stream) = peer.transport_mut()
+                && let Some(line) = stream.mark(&opened.marks)
+            {
+                peer.send(line);
+            }
+        }
+        Err(e) => {
+            peer.send_message(error_frame(e.code(), &e.to_string(), None));
+            if is_sse {
+                peer.close(
+                    CloseCode::Policy,
+                    e.code(),
+                    CloseReason::ProtocolError,
+                    true,
+                );
+            }
+        }
+    }
+}
+
+/// Brings the shard's budget totals up to date with what `peer` holds now.
+fn reconcile(peer: &mut Peer, queued_total: &mut usize, inbound_total: &mut usize) {
     // Both fit in u32: a queue is bounded by `max_queued_bytes` plus one frame, inbound data
     // by twice `max_message_bytes`.
     let now = (
-        conn.queued_bytes().min(u32::MAX as usize) as u32,
-        conn.inbound_bytes().min(u32::MAX as usize) as u32,
+        peer.queued_bytes().min(u32::MAX as usize) as u32,
+        peer.inbound_bytes().min(u32::MAX as usize) as u32,
     );
-    let (queued, inbound) = conn.accounted;
+    let (queued, inbound) = peer.accounted;
     *queued_total = *queued_total + now.0 as usize - queued as usize;
     *inbound_total = *inbound_total + now.1 as usize - inbound as usize;
-    conn.accounted = now;
+    peer.accounted = now;
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -70,6 +70,12 @@ pub struct Topic {
     /// The oldest offset its history still holds, so the shared history budget can tell a
     /// stale record of an entry already evicted without taking this topic's lock.
     first_held: AtomicU64,
+    /// Long-polls waiting for this topic's next publication, and their wake-up. Publishing
+    /// notifies only while the count is above zero, so topics nobody long-polls pay one
+    /// atomic load.
+    pub pollers: AtomicUsize,
+    /// Notified after each publication while `pollers` is above zero.
+    pub changed: tokio::sync::Notify,
 }
 
 /// Why a change to a topic was refused.
@@ -114,19 +120,56 @@ pub enum TopicError {
     },
 }
 
-/// A publication to hand to the shards.
-#[derive(Debug, Clone)]
+/// A publication to hand to the shards, shared by all of them behind one `Arc`.
+#[derive(Debug)]
 pub struct Publication {
     /// The topic.
     pub topic: Arc<str>,
-    /// Its offset.
+    /// Its offset (`u64::MAX` for `closed`, which every subscriber gets).
     pub offset: u64,
-    /// The encoded frame shared by every subscriber.
+    /// The encoded WebSocket frame shared by every WebSocket subscriber.
     pub frame: Bytes,
     /// Event data, for subscribers' filters (none for state changes).
     pub data: Option<Bytes>,
     /// Its place in the publish queues, given back when the last shard is done with it.
-    pub ticket: Option<Arc<Ticket>>,
+    pub ticket: Option<Ticket>,
+    /// Its SSE event, built from `frame` the first time any shard has an SSE subscriber
+    /// for it, then shared like the frame.
+    sse: OnceLock<Option<SseEvent>>,
+}
+
+/// A publication's SSE encoding, and the version it carries (for multi-topic cursors).
+#[derive(Debug)]
+pub struct SseEvent {
+    /// The event's bytes.
+    pub event: crate::proto::sse::Event,
+    /// Its version, parsed once.
+    pub version: Option<Version>,
+}
+
+impl Publication {
+    /// A publication with no ticket yet.
+    pub fn new(topic: Arc<str>, offset: u64, frame: Bytes, data: Option<Bytes>) -> Publication {
+        Publication {
+            topic,
+            offset,
+            frame,
+            data,
+            ticket: None,
+            sse: OnceLock::new(),
+        }
+    }
+
+    /// Its SSE event, built on first use.
+    pub fn sse(&self) -> Option<&SseEvent> {
+        self.sse
+            .get_or_init(|| {
+                let event = crate::proto::sse::encode(&self.frame)?;
+                let version = event.position.as_ref().and_then(|(_, v)| v.parse().ok());
+                Some(SseEvent { event, version })
+            })
+            .as_ref()
+    }
 }
 
 /// The bounds of a node's topics.
@@ -216,6 +259,18 @@ impl Topics {
         self.map.read().get(name).cloned()
     }
 
+    /// The topics whose names pass `matches`, at most `limit` of them. A scan of the
+    /// registry (bounded by `max_topics`), for the rare resume of an SSE pattern stream.
+    pub fn matching(&self, limit: usize, mut matches: impl FnMut(&str) -> bool) -> Vec<Arc<Topic>> {
+        self.map
+            .read()
+            .iter()
+            .filter(|(name, _)| matches(name))
+            .take(limit)
+            .map(|(_, topic)| topic.clone())
+            .collect()
+    }
+
     /// A topic, created (with a fresh epoch) if unknown and there is room; `created` runs
     /// when it is new. `name` must be validated.
     pub fn get_or_create(
@@ -248,6 +303,8 @@ impl Topics {
             subscribers: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             first_held: AtomicU64::new(1),
+            pollers: AtomicUsize::new(0),
+            changed: tokio::sync::Notify::new(),
         });
         map.insert(name, topic.clone());
         Ok(topic)
@@ -275,16 +332,6 @@ impl Topics {
             !idle
         });
         before - map.len()
-    }
-
-    /// How many topics are known.
-    pub fn len(&self) -> usize {
-        self.map.read().len()
-    }
-
-    /// Whether no topic is known.
-    pub fn is_empty(&self) -> bool {
-        self.map.read().is_empty()
     }
 
     /// Bytes of history all topics hold.
@@ -391,13 +438,12 @@ impl Topics {
         let data = frame.slice(end - data.len()..end);
         let entry = Entry::new(offset, frame.clone(), data.clone(), Instant::now());
         self.push(topic, &mut state.history, entry);
-        hand_off(Publication {
-            topic: topic.name.clone(),
+        hand_off(Publication::new(
+            topic.name.clone(),
             offset,
             frame,
-            data: Some(data),
-            ticket: None,
-        });
+            Some(data),
+        ));
         drop(state);
         self.enforce_history_budget();
         Ok(offset)
@@ -478,13 +524,12 @@ impl Topics {
             Instant::now(),
         );
         self.push(topic, &mut state.history, entry);
-        hand_off(Publication {
-            topic: topic.name.clone(),
-            offset: change.new.offset,
+        hand_off(Publication::new(
+            topic.name.clone(),
+            change.new.offset,
             frame,
-            data: None,
-            ticket: None,
-        });
+            None,
+        ));
         drop(guard);
         self.enforce_history_budget();
         Ok((change.new, true))
@@ -503,14 +548,13 @@ impl Topics {
         let version = state.history.version();
         if !state.closed {
             state.closed = true;
-            hand_off(Publication {
-                topic: topic.name.clone(),
+            hand_off(Publication::new(
+                topic.name.clone(),
                 // Delivered to everyone subscribed, whatever they have seen.
-                offset: u64::MAX,
-                frame: encode_closed(&topic.name, version.to_buf().as_str(), now_ms()),
-                data: None,
-                ticket: None,
-            });
+                u64::MAX,
+                encode_closed(&topic.name, version.to_buf().as_str(), now_ms()),
+                None,
+            ));
         }
         Ok(version)
     }

@@ -1,14 +1,12 @@
-//! Sockets: the accept loop, hyper connections, and the hand-off of upgraded sockets to the
-//! hub's shards.
+//! Sockets: the accept loop, hyper connections, reclaiming upgraded sockets for the hub's
+//! shards, and SSE requests read before hyper.
 
 mod accept;
 mod framing;
-mod limits;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,27 +14,27 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::{error_response, route};
-use crate::hub::Hub;
-pub use crate::hub::Mode;
-use crate::proto::{CloseCode, handshake};
+use crate::http::context::{Limits, RequestContext, closing, request_timeout_response};
+use crate::http::limits::{IpSlot, PerIp, Proxies};
+use crate::http::{Refusal, error_response, route, sse};
+use crate::hub::{Hub, Open};
+use crate::proto::CloseCode;
 use accept::{
     ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_PAUSE, ErrorLog, Reserve, TOO_MANY_HANDSHAKES,
     is_out_of_descriptors, refuse,
 };
 use framing::{RequestHeads, Sniffed};
-pub use limits::IpSlot;
-use limits::{PerIp, Proxies};
 
 /// Pending connections the kernel may queue before `accept`. tokio's `bind` asks for 128,
 /// which a connection storm overflows: the dropped SYNs are retried after a second, so
@@ -63,84 +61,6 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// The per-address tables and the proxy rule, shared by every connection.
-#[derive(Debug)]
-struct Limits {
-    proxies: Proxies,
-    /// HTTP connections not yet upgraded, per TCP peer (`max_handshakes_per_ip`).
-    handshakes: Arc<PerIp>,
-    /// WebSocket connections, per client (`max_connections_per_ip`).
-    connections: Arc<PerIp>,
-}
-
-/// What every request carries to its handler (as a request extension): who sent it, the
-/// shared limits, and the bounds on reading its body.
-#[derive(Debug, Clone)]
-pub struct RequestContext {
-    peer: IpAddr,
-    limits: Arc<Limits>,
-    body_timeout: Duration,
-    stop: CancellationToken,
-}
-
-/// How an HTTP handler may read a request body: within a deadline, and no longer than
-/// until shutdown starts.
-#[derive(Debug, Clone)]
-pub struct BodyDeadline {
-    /// How long the body may take (`body_timeout`).
-    pub timeout: Duration,
-    /// Cancelled when the gateway starts shutting down.
-    pub stop: CancellationToken,
-}
-
-impl BodyDeadline {
-    /// The deadline of `req`, set by the connection that read its head; a request built
-    /// elsewhere gets the default `body_timeout` and is never cancelled.
-    pub fn of<B>(req: &http::Request<B>) -> BodyDeadline {
-        match req.extensions().get::<RequestContext>() {
-            Some(ctx) => BodyDeadline {
-                timeout: ctx.body_timeout,
-                stop: ctx.stop.clone(),
-            },
-            None => BodyDeadline {
-                timeout: crate::Config::default().body_timeout,
-                stop: CancellationToken::new(),
-            },
-        }
-    }
-}
-
-/// `408 request_timeout`, closing the connection: the body (or the whole request) did not
-/// arrive in time, and what is left of it cannot be told from the next request.
-pub fn request_timeout_response() -> Response<Full<Bytes>> {
-    closing(error_response(
-        StatusCode::REQUEST_TIMEOUT,
-        "request_timeout",
-        "the request did not arrive in time",
-    ))
-}
-
-/// `503 shutting_down`, closing the connection: the gateway stopped reading bodies.
-pub fn shutting_down_response() -> Response<Full<Bytes>> {
-    let mut response = closing(error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
-        "the gateway is shutting down",
-    ));
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
-}
-
-/// Marks `response` as the last on its connection; hyper closes after writing it.
-fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
-}
-
 /// Accepts connections on `listener` until `shutdown` resolves, then drains.
 ///
 /// Draining stops accepting, sends close 1001 to every WebSocket (after what is already
@@ -150,7 +70,7 @@ fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
 ///
 /// Fails at once with `InvalidInput` if `trusted_proxies` or `forwarded_header` is not
 /// valid.
-pub async fn serve(
+pub(crate) async fn serve(
     hub: Arc<Hub>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -198,6 +118,7 @@ pub async fn serve(
                         limits: limits.clone(),
                         body_timeout: config.body_timeout,
                         stop: stop.clone(),
+                        reclaim,
                     };
                     let held = (permit, slot);
                     tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), ctx, held));
@@ -310,6 +231,16 @@ async fn serve_http(
     ctx: RequestContext,
     _held: (OwnedSemaphorePermit, IpSlot),
 ) {
+    let first = tokio::select! {
+        first = first_request_is_sse(&stream, hub.config().handshake_timeout) => first,
+        () = ctx.stop.cancelled() => return,
+    };
+    let stream = match first {
+        Some(true) => return serve_sse(&hub, stream, &ctx).await,
+        Some(false) => stream,
+        // Nothing arrived within `handshake_timeout`: hyper would time out the same way.
+        None => return,
+    };
     let in_progress = Arc::new(InProgress::default());
     let heads = Arc::new(parking_lot::Mutex::new(RequestHeads::default()));
     let request_timeout = hub.config().request_timeout;
@@ -374,112 +305,144 @@ async fn serve_http(
     }
 }
 
-/// Answers a WebSocket upgrade request: validates it, replies 101 and, once hyper hands the
-/// socket back, hands it to a shard. Refusals are JSON errors.
-pub fn upgrade(
-    hub: &Arc<Hub>,
-    tracker: &TaskTracker,
-    mut req: http::Request<Incoming>,
-    mode: Mode,
-    subscribe: Option<String>,
-) -> Response<Full<Bytes>> {
-    let config = hub.config();
-    let accept = match handshake::validate(
-        req.method(),
-        req.version(),
-        req.headers(),
-        &config.allowed_origins,
-    ) {
-        Ok(accept) => accept,
+/// Takes an upgraded connection's socket back from hyper: the bytes hyper had read past the
+/// request are copied out (so hyper's buffer is freed), and the socket leaves tokio's
+/// reactor, still non-blocking, for a shard's.
+fn reclaim(upgraded: hyper::upgrade::Upgraded) -> io::Result<(std::net::TcpStream, Vec<u8>)> {
+    let parts = upgraded
+        .downcast::<TokioIo<Sniffed<TcpStream>>>()
+        .map_err(|_| io::Error::other("the upgraded connection is not a TcpStream"))?;
+    let leftover = parts.read_buf.to_vec();
+    drop(parts.read_buf);
+    let stream = parts.io.into_inner().into_inner().into_std()?;
+    Ok((stream, leftover))
+}
+
+/// Room to see a first request line in: enough for the longest SSE route's path.
+const PEEK_BYTES: usize = 2048;
+
+/// Whether the connection's first request line names an SSE route, looking at its first
+/// bytes without taking them; `None` if nothing arrived within `timeout`. A request line
+/// split across packets reads as "no", and hyper serves it (see `sse::reconnect_elsewhere`).
+async fn first_request_is_sse(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let mut buf = [0u8; PEEK_BYTES];
+    let n = match tokio::time::timeout(timeout, stream.peek(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        Ok(_) => return Some(false),
+        Err(_) => return None,
+    };
+    let Some(rest) = buf[..n].strip_prefix(b"GET ") else {
+        return Some(false);
+    };
+    let Some(end) = rest.iter().position(|&b| b == b' ') else {
+        return Some(false);
+    };
+    Some(std::str::from_utf8(&rest[..end]).is_ok_and(sse::is_sse_path))
+}
+
+/// Serves a connection whose first request is an SSE stream, without hyper: reads its head
+/// (within `handshake_timeout` and `MAX_SSE_HEAD`), checks it, writes the `200` head and
+/// hands the socket to a shard; or writes the refusal and closes.
+async fn serve_sse(hub: &Arc<Hub>, mut stream: TcpStream, ctx: &RequestContext) {
+    let timeout = hub.config().handshake_timeout;
+    let head = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(response)) => return write_refusal(stream, *response).await,
+        Err(_) => return write_refusal(stream, request_timeout_response()).await,
+    };
+    let (method, uri, headers) = head;
+    let opened = sse::prepare(hub, &method, &uri, &headers)
+        .and_then(|open| sse::cors(hub.config(), &headers).map(|cors| (open, cors)))
+        .and_then(|(open, cors)| {
+            crate::http::upgrade::reserve_place(hub, Some(ctx), &headers)
+                .map(|slot| (open, cors, slot))
+        });
+    let (open, cors, slot) = match opened {
+        Ok(opened) => opened,
+        Err(response) => return write_refusal(stream, *response).await,
+    };
+    let extra: Vec<(&str, &str)> = cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let head = sse::response_head(&extra);
+    if stream.write_all(&head).await.is_err() {
+        hub.release_unused();
+        return;
+    }
+    match stream.into_std() {
+        Ok(stream) => hub.register(stream, Vec::new(), Open::Sse(open), slot),
         Err(e) => {
-            let mut response = error_response(e.status(), e.code(), &e.to_string());
-            if e == handshake::HandshakeError::MethodNotAllowed {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            }
-            if e == handshake::HandshakeError::UnsupportedVersion {
-                response.headers_mut().insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static(handshake::WEBSOCKET_VERSION),
-                );
-            }
-            return response;
-        }
-    };
-    let slot = match req.extensions().get::<RequestContext>() {
-        Some(ctx) => {
-            let client = ctx.limits.proxies.client(ctx.peer, req.headers());
-            match ctx.limits.connections.try_acquire(client) {
-                Some(slot) => slot,
-                None => {
-                    tracing::debug!(%client, "too many connections from one address");
-                    let mut response = error_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too_many_connections",
-                        "too many WebSocket connections from this address; retry later",
-                    );
-                    response
-                        .headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return response;
-                }
-            }
-        }
-        None => IpSlot::unlimited(),
-    };
-    if !hub.reserve_connection() {
-        let mut response = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "over_capacity",
-            "the gateway is at its connection limit; retry later",
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
-    }
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let hub = hub.clone();
-    tracker.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                hub.release_unused();
-                return;
-            }
-        };
-        let Ok(parts) = upgraded.downcast::<TokioIo<Sniffed<TcpStream>>>() else {
-            tracing::error!("upgraded connection is not a TcpStream");
+            tracing::debug!(error = %e, "cannot take the socket back");
             hub.release_unused();
-            return;
-        };
-        // Copy out what the client sent after its request, so hyper's buffer is freed.
-        let leftover = parts.read_buf.to_vec();
-        drop(parts.read_buf);
-        // Out of tokio's reactor and into a shard's: the socket stays non-blocking.
-        match parts.io.into_inner().into_inner().into_std() {
-            Ok(stream) => hub.register(stream, leftover, mode, subscribe, slot),
+        }
+    }
+}
+
+/// Reads and parses one request head; a refusal says why it could not be.
+async fn read_head(
+    stream: &mut TcpStream,
+) -> Result<(http::Method, http::Uri, http::HeaderMap), Refusal> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let bad =
+                    || error_response(StatusCode::BAD_REQUEST, "bad_request", "malformed request");
+                let method = request
+                    .method
+                    .and_then(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                    .ok_or_else(bad)?;
+                let uri: http::Uri = request.path.and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                let mut map = http::HeaderMap::new();
+                for h in request.headers.iter() {
+                    let name =
+                        http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad())?;
+                    let value = http::HeaderValue::from_bytes(h.value).map_err(|_| bad())?;
+                    map.append(name, value);
+                }
+                return Ok((method, uri, map));
+            }
+            Ok(httparse::Status::Partial) => {}
             Err(e) => {
-                tracing::debug!(error = %e, "cannot take the socket back");
-                hub.release_unused();
+                return Err(Box::new(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("malformed request head: {e}"),
+                )));
             }
         }
-    });
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(value) = HeaderValue::from_str(&accept.accept_key) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+        if buf.len() >= sse::MAX_SSE_HEAD {
+            return Err(Box::new(error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "head_too_large",
+                "the request head is larger than 16 KiB",
+            )));
+        }
+        let mut chunk = [0u8; 4096];
+        let room = (sse::MAX_SSE_HEAD - buf.len()).min(chunk.len());
+        match stream.read(&mut chunk[..room]).await {
+            Ok(0) | Err(_) => {
+                return Err(Box::new(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "the connection ended inside the request head",
+                )));
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
     }
-    if let Some(protocol) = accept.protocol {
-        headers.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(protocol),
-        );
-    }
-    response
+}
+
+/// Writes a refusal made before hyper and closes the connection.
+async fn write_refusal(mut stream: TcpStream, response: Response<Full<Bytes>>) {
+    use http_body_util::BodyExt;
+    let (parts, body) = closing(response).into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let bytes = sse::serialize(Response::from_parts(parts, Full::new(Bytes::new())), &body);
+    let _ = stream.write_all(&bytes).await;
+    let _ = stream.shutdown().await;
 }

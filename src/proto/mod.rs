@@ -5,6 +5,8 @@ pub mod frame;
 pub mod handshake;
 pub mod json;
 pub mod message;
+pub mod session;
+pub mod sse;
 pub mod versioned;
 
 pub use close::{CloseCode, ProtocolViolation};

@@ -2,6 +2,7 @@
 
 pub mod filter;
 pub mod history;
+pub mod index;
 mod name;
 pub mod state;
 pub mod version;

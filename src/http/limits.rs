@@ -9,7 +9,7 @@ use http::header::HeaderName;
 use ipnet::IpNet;
 
 use crate::Config;
-pub use crate::hub::peers::{IpSlot, PerIp};
+pub(crate) use crate::hub::peers::{IpSlot, PerIp};
 
 /// The peers trusted to name the client in the forwarded header, and that header.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! Subscription index of one shard: exact topics in a hash map, patterns in a segment trie.
+//! Subscription index of one shard (pure: slots are numbers, no sockets): exact topics in a hash map, patterns in a segment trie.
 //!
 //! Matching a publication costs one hash lookup plus a walk of the trie along the topic's
 //! segments (each level tries the literal child and the `*` child and collects `**`

@@ -1,0 +1,116 @@
+//! What the hub and its shards share: the jobs sent to a shard, and the state every shard
+//! reads (configuration, counters, topics, the publish queues' bound).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crossbeam_channel::Sender;
+
+use super::backlog::Backlog;
+use super::peers::IpSlot;
+use super::topics::{Publication, Topics};
+use crate::Config;
+use crate::metrics::{CloseReason, Metrics};
+use crate::proto::CloseCode;
+use crate::proto::message::SubscriptionRequest;
+use crate::proto::session::Mode;
+
+/// Work for a shard.
+pub(crate) enum Job {
+    /// Write a publication to every subscriber of its topic.
+    Publish(Arc<Publication>),
+    /// Adopt a socket whose HTTP request was answered; `leftover` holds bytes read past it.
+    Register {
+        /// The socket, non-blocking.
+        stream: std::net::TcpStream,
+        /// Bytes the client sent after its request.
+        leftover: Vec<u8>,
+        /// What the peer is.
+        open: Open,
+        /// The client's place under `max_connections_per_ip`, given back when dropped.
+        ip: IpSlot,
+    },
+    /// Close every peer, after the publications queued before this job.
+    CloseAll {
+        /// The close code.
+        code: CloseCode,
+        /// The close reason.
+        reason: &'static str,
+    },
+    /// Drop every peer at once (the shutdown deadline passed).
+    DropAll,
+}
+
+/// A new peer's transport and what it subscribes to at once.
+#[derive(Debug)]
+pub(crate) enum Open {
+    /// A WebSocket after its `101`.
+    WebSocket {
+        /// What the session serves.
+        mode: Mode,
+        /// A topic to subscribe at once (snapshot first), for `GET /ws/{app}/{profile}`.
+        subscribe: Option<String>,
+    },
+    /// An SSE stream after its `200` head.
+    Sse(SseOpen),
+}
+
+/// An SSE stream's subscription, checked by the HTTP layer before its `200`.
+#[derive(Debug)]
+pub(crate) struct SseOpen {
+    /// Topics, patterns, filter, and `since` from `Last-Event-ID`.
+    pub request: SubscriptionRequest,
+    /// `GET /v1/topics/{topic}/sse`: ids are plain versions.
+    pub single: bool,
+    /// A resumed pattern stream's base time (Unix ms), from its cursor.
+    pub base_ms: Option<u64>,
+}
+
+/// What the shards share with the rest of the gateway.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The configuration in force.
+    pub config: Config,
+    /// The counters.
+    pub metrics: Metrics,
+    /// The topics.
+    pub topics: Topics,
+    /// The publish queues' bound.
+    pub backlog: Arc<Backlog>,
+    /// Peers open or being set up.
+    pub open: AtomicUsize,
+    /// Signalled whenever a peer ends, for shutdown's drain.
+    pub drained: tokio::sync::Notify,
+    pub shutting_down: AtomicBool,
+}
+
+impl Shared {
+    /// Whether the gateway is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Counts a peer as ended.
+    pub fn connection_released(&self, reason: CloseReason) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.connection_closed(reason);
+        self.drained.notify_waiters();
+    }
+}
+
+/// The hub's end of one shard: its job channel and the waker that interrupts its poll.
+#[derive(Debug)]
+pub(crate) struct ShardHandle {
+    pub jobs: Sender<Job>,
+    pub waker: Arc<mio::Waker>,
+}
+
+impl ShardHandle {
+    /// Sends a job and wakes the shard.
+    pub fn send(&self, job: Job) {
+        // Sending fails only once the shard thread is gone, which happens only on drop.
+        if self.jobs.send(job).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}

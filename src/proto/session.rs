@@ -1,0 +1,597 @@
+//! One WebSocket session, sans-IO: the close handshake, the partial frame, fragment
+//! reassembly, the heartbeat and the close deadline, with no socket and no clock.
+//!
+//! The shape is quinn-proto's. Input comes through [`Session::handle_bytes`] (bytes read,
+//! with the current tick) and [`Session::handle_timeout`] (a timer came due); output goes
+//! into a caller-provided `Vec<Output>`: complete messages for the application and frames
+//! owed to the peer (pongs, the close echo, echoed messages), in the order they arose.
+//! The shard owns the socket, the outbox and the timer wheel; tests drive a session with
+//! in-memory bytes and a tick counter, so heartbeats and close handshakes run in virtual
+//! time.
+//!
+//! While idle a session owns no buffer: `partial` is empty (unallocated) between frames
+//! and `fragments` is `None` between messages.
+
+use std::num::NonZeroU64;
+
+use bytes::Bytes;
+
+use super::frame::{self, Fragments, Kind, Message};
+use super::{CloseCode, ProtocolViolation};
+use crate::heartbeat::{self, Action, Beat};
+
+/// Message limit of the echo endpoint: Autobahn's 9.* cases send 16 MiB messages.
+pub const ECHO_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// What the session serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The tidings protocol: text messages are requests, binary ones a violation.
+    Gateway,
+    /// Echo every data message back (conformance testing).
+    Echo,
+}
+
+/// Where a connection's close stands; shared by every transport (an SSE stream only ever
+/// is `Open`, `Closing` or `Broken`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Messages flow both ways.
+    Open,
+    /// We sent a close frame and wait for the peer's; its other frames are still read.
+    CloseSent,
+    /// Nothing more is read: the peer's close came (ours is queued), or we broke off after
+    /// a protocol violation, or the stream ended. It ends once its queue is flushed.
+    Closing,
+    /// Nothing more can be written (the socket failed, or the peer is gone): end now.
+    Broken,
+}
+
+impl Phase {
+    /// Whether messages are still accepted both ways.
+    pub fn is_open(self) -> bool {
+        self == Phase::Open
+    }
+
+    /// Whether the connection ends as soon as its queue is flushed.
+    pub fn ends_when_flushed(self) -> bool {
+        self == Phase::Closing
+    }
+
+    /// Whether inbound bytes are still read and handled.
+    pub fn reads(self) -> bool {
+        matches!(self, Phase::Open | Phase::CloseSent)
+    }
+}
+
+/// What a session gives its owner, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// A complete text message of the tidings protocol.
+    Message(String),
+    /// A frame to queue for the peer (a pong, an echoed message).
+    Send(Bytes),
+    /// A close frame: drop what is queued (but finish a partly written frame), then send it.
+    Close {
+        /// The close frame.
+        frame: Bytes,
+        /// Whether it answers a protocol violation (rather than the peer's close, or a
+        /// heartbeat timeout).
+        violation: bool,
+    },
+}
+
+/// The heartbeat and close timing, in ticks of the owner's wheel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// A silent connection is pinged after this long; 0 disables heartbeats.
+    pub interval: u32,
+    /// A pinged connection that stays silent this long is closed.
+    pub timeout: u32,
+    /// A close handshake that takes longer is cut off.
+    pub close: u32,
+}
+
+/// What a timer that came due asks of the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Nothing now; look again at this tick.
+    At(u64),
+    /// Send a ping (and a JSON ping if configured), then look again at this tick.
+    Ping(u64),
+    /// Silent past the pong timeout: `Output::Close` was produced with 1011; the close
+    /// deadline follows.
+    PongTimeout,
+    /// The close handshake did not finish in time: end the connection now.
+    CloseTimeout,
+    /// No timer is needed any more.
+    Never,
+}
+
+/// One WebSocket session's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    mode: Mode,
+    phase: Phase,
+    /// Bytes of an incomplete frame; empty (unallocated) between frames.
+    partial: Vec<u8>,
+    /// A fragmented message being reassembled.
+    fragments: Option<Box<Fragments>>,
+    beat: Beat,
+    /// Tick of the last inbound bytes.
+    last_seen: u64,
+    /// Tick after which a closing session is cut off (ticks start at 1 past the wheel's
+    /// origin, so zero is free to mean "none" and the field stays 8 bytes).
+    close_deadline: Option<NonZeroU64>,
+}
+
+impl Session {
+    /// A new open session at tick `now`.
+    pub fn new(mode: Mode, now: u64) -> Session {
+        Session {
+            mode,
+            phase: Phase::Open,
+            partial: Vec::new(),
+            fragments: None,
+            beat: Beat::Idle,
+            last_seen: now,
+            close_deadline: None,
+        }
+    }
+
+    /// What the session serves.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The close handshake's progress.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Largest message this session accepts, given the gateway's `max_message_bytes`.
+    pub fn max_message(&self, configured: usize) -> usize {
+        match self.mode {
+            Mode::Gateway => configured,
+            Mode::Echo => ECHO_MAX_MESSAGE,
+        }
+    }
+
+    /// Bytes held for inbound data: an incomplete frame and a fragmented message.
+    pub fn inbound_bytes(&self) -> usize {
+        self.partial.capacity() + self.fragments.as_ref().map_or(0, |f| f.held())
+    }
+
+    /// Handles bytes read at tick `now`, unmasking them in place. Complete frames are served
+    /// straight from `data`; only an incomplete trailing frame is copied (into `partial`).
+    pub fn handle_bytes(
+        &mut self,
+        data: &mut [u8],
+        now: u64,
+        max_message: usize,
+        out: &mut Vec<Output>,
+    ) {
+        self.last_seen = now;
+        if !self.phase.reads() {
+            return;
+        }
+        if self.partial.is_empty() {
+            if let Some(consumed) = self.process(data, max_message, out) {
+                self.partial.extend_from_slice(&data[consumed..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(data);
+            if let Some(consumed) = self.process(&mut buf, max_message, out) {
+                buf.drain(..consumed);
+                if !buf.is_empty() {
+                    self.partial = buf;
+                }
+            }
+        }
+    }
+
+    /// Handles every complete frame in `buf`; returns the bytes consumed, or `None` once
+    /// input is no longer read (the rest is ignored).
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        max_message: usize,
+        out: &mut Vec<Output>,
+    ) -> Option<usize> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            if !self.phase.reads() {
+                return None;
+            }
+            let parsed = match frame::parse(&mut buf[pos..], max_message) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(v) => {
+                    self.fail(v, out);
+                    return None;
+                }
+            };
+            let payload = &buf[pos + parsed.payload.start..pos + parsed.payload.end];
+            pos += parsed.len;
+            if let Err(v) = self.on_frame(parsed.kind, parsed.fin, payload, max_message, out) {
+                self.fail(v, out);
+                return None;
+            }
+        }
+        Some(pos)
+    }
+
+    fn on_frame(
+        &mut self,
+        kind: Kind,
+        fin: bool,
+        payload: &[u8],
+        max_message: usize,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ProtocolViolation> {
+        match kind {
+            Kind::Text | Kind::Binary => {
+                // §5.4: a fragmented message's frames must not be interleaved with another.
+                if self.fragments.is_some() {
+                    return Err(ProtocolViolation::ExpectedContinuation);
+                }
+                let text = kind == Kind::Text;
+                if fin {
+                    let message = frame::whole_message(text, payload)?;
+                    self.on_message(message, out)?;
+                } else {
+                    self.fragments = Some(Fragments::start(text, payload)?);
+                }
+            }
+            Kind::Continuation => {
+                let Some(fragments) = self.fragments.as_mut() else {
+                    return Err(ProtocolViolation::UnexpectedContinuation);
+                };
+                fragments.push(payload, max_message)?;
+                if fin && let Some(fragments) = self.fragments.take() {
+                    self.on_message(fragments.finish()?, out)?;
+                }
+            }
+            Kind::Ping => {
+                // §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+                // response [...] with identical Application data".
+                if self.phase.is_open() {
+                    out.push(Output::Send(frame::encode(Kind::Pong, payload)));
+                }
+            }
+            Kind::Pong => {}
+            Kind::Close => {
+                let received = frame::parse_close(payload)?;
+                match self.phase {
+                    Phase::Open => {
+                        // §5.5.1: answer with a close frame, echoing the status code.
+                        let code = received.map_or(CloseCode::Normal, |(c, _)| CloseCode::Other(c));
+                        out.push(Output::Close {
+                            frame: frame::encode_close(code, ""),
+                            violation: false,
+                        });
+                        self.phase = Phase::Closing;
+                    }
+                    // Our close was answered: the handshake is complete.
+                    Phase::CloseSent => self.phase = Phase::Closing,
+                    Phase::Closing | Phase::Broken => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_message(
+        &mut self,
+        message: Message<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ProtocolViolation> {
+        if !self.phase.is_open() {
+            return Ok(());
+        }
+        match (self.mode, message) {
+            (Mode::Echo, Message::Text(text)) => {
+                out.push(Output::Send(frame::encode(Kind::Text, text.as_bytes())));
+            }
+            (Mode::Echo, Message::Binary(data)) => {
+                out.push(Output::Send(frame::encode(Kind::Binary, data)));
+            }
+            (Mode::Gateway, Message::Text(text)) => out.push(Output::Message(text.to_owned())),
+            (Mode::Gateway, Message::Binary(_)) => return Err(ProtocolViolation::Binary),
+        }
+        Ok(())
+    }
+
+    /// Fails the session after a protocol violation (RFC 6455 §7.1.7).
+    fn fail(&mut self, violation: ProtocolViolation, out: &mut Vec<Output>) {
+        tracing::debug!(%violation, "protocol violation");
+        if self.phase.is_open() {
+            out.push(Output::Close {
+                frame: frame::encode_close(violation.close_code(), &violation.to_string()),
+                violation: true,
+            });
+        }
+        self.stop_reading();
+    }
+
+    /// Stops reading and lets go of inbound buffers; the session ends once flushed.
+    fn stop_reading(&mut self) {
+        if self.phase != Phase::Broken {
+            self.phase = Phase::Closing;
+        }
+        self.partial = Vec::new();
+        self.fragments = None;
+    }
+
+    /// Starts a close handshake from our side, if none is under way: returns the close
+    /// frame to queue.
+    pub fn close(&mut self, code: CloseCode, reason: &str) -> Option<Bytes> {
+        if !self.phase.is_open() {
+            return None;
+        }
+        self.phase = Phase::CloseSent;
+        Some(frame::encode_close(code, reason))
+    }
+
+    /// Stops reading and, if still open, returns a 1013 close frame: the gateway holds too
+    /// much half-received input, and this session's share is let go.
+    pub fn shed_inbound(&mut self) -> Option<Bytes> {
+        let frame = self.phase.is_open().then(|| {
+            frame::encode_close(
+                CloseCode::TryAgainLater,
+                "gateway inbound buffers full; retry later",
+            )
+        });
+        self.stop_reading();
+        frame
+    }
+
+    /// Nothing more can be written: the socket failed or the peer is gone.
+    pub fn break_off(&mut self) {
+        self.phase = Phase::Broken;
+        self.partial = Vec::new();
+        self.fragments = None;
+    }
+
+    /// Arms the close deadline once a close is under way; returns the tick to be woken at,
+    /// the first time only.
+    pub fn arm_close_deadline(&mut self, now: u64, timing: &Timing) -> Option<u64> {
+        if self.close_deadline.is_some() || matches!(self.phase, Phase::Open | Phase::Broken) {
+            return None;
+        }
+        let deadline = NonZeroU64::new(now + u64::from(timing.close)).unwrap_or(NonZeroU64::MIN);
+        self.close_deadline = Some(deadline);
+        Some(deadline.get())
+    }
+
+    /// A timer of this session came due at tick `now`.
+    pub fn handle_timeout(&mut self, now: u64, timing: &Timing, out: &mut Vec<Output>) -> Due {
+        if let Some(deadline) = self.close_deadline.map(NonZeroU64::get) {
+            return if now >= deadline {
+                Due::CloseTimeout
+            } else {
+                Due::At(deadline)
+            };
+        }
+        if timing.interval == 0 || !self.phase.is_open() {
+            return Due::Never;
+        }
+        match heartbeat::decide(
+            &mut self.beat,
+            now,
+            self.last_seen,
+            timing.interval,
+            timing.timeout,
+        ) {
+            Action::Recheck(at) => Due::At(at),
+            Action::Ping(at) => Due::Ping(at),
+            Action::Close => {
+                if let Some(frame) = self.close(CloseCode::Internal, "ping timeout") {
+                    out.push(Output::Close {
+                        frame,
+                        violation: false,
+                    });
+                }
+                Due::PongTimeout
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::encode;
+
+    const MAX: usize = 64 * 1024;
+    const TIMING: Timing = Timing {
+        interval: 30,
+        timeout: 10,
+        close: 5,
+    };
+
+    /// A client frame: masked, as RFC 6455 §5.3 requires.
+    fn client_frame(kind: Kind, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let server = encode(kind, payload);
+        let mut header = server[..server.len() - payload.len()].to_vec();
+        if !fin {
+            header[0] &= 0x7f;
+        }
+        header[1] |= 0x80;
+        let mask = [1, 2, 3, 4];
+        header.extend_from_slice(&mask);
+        header.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        header
+    }
+
+    /// The server side of an in-memory pair: feeds client bytes at a tick, collects output.
+    struct Pair {
+        server: Session,
+        now: u64,
+    }
+
+    impl Pair {
+        fn new(mode: Mode) -> Pair {
+            Pair {
+                server: Session::new(mode, 0),
+                now: 0,
+            }
+        }
+
+        fn send(&mut self, bytes: &[u8]) -> Vec<Output> {
+            let mut out = Vec::new();
+            let mut bytes = bytes.to_vec();
+            self.server
+                .handle_bytes(&mut bytes, self.now, MAX, &mut out);
+            out
+        }
+
+        fn advance_to(&mut self, tick: u64) -> (Due, Vec<Output>) {
+            self.now = tick;
+            let mut out = Vec::new();
+            let due = self.server.handle_timeout(tick, &TIMING, &mut out);
+            (due, out)
+        }
+    }
+
+    #[test]
+    fn a_message_split_anywhere_arrives_whole() {
+        let frame = client_frame(Kind::Text, true, br#"{"type":"ping"}"#);
+        for split in 0..=frame.len() {
+            let mut pair = Pair::new(Mode::Gateway);
+            let mut out = pair.send(&frame[..split]);
+            out.extend(pair.send(&frame[split..]));
+            assert_eq!(out, vec![Output::Message(r#"{"type":"ping"}"#.into())]);
+            assert_eq!(
+                pair.server.inbound_bytes(),
+                0,
+                "nothing held after the frame"
+            );
+        }
+    }
+
+    #[test]
+    fn fragments_reassemble_and_pings_interleave() {
+        let mut pair = Pair::new(Mode::Gateway);
+        let mut bytes = client_frame(Kind::Text, false, b"hel");
+        bytes.extend(client_frame(Kind::Ping, true, b"p"));
+        bytes.extend(client_frame(Kind::Continuation, true, b"lo"));
+        let out = pair.send(&bytes);
+        assert_eq!(
+            out,
+            vec![
+                Output::Send(encode(Kind::Pong, b"p")),
+                Output::Message("hello".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn the_peers_close_is_echoed_and_input_after_it_ignored() {
+        let mut pair = Pair::new(Mode::Gateway);
+        let mut bytes = client_frame(Kind::Close, true, &4000u16.to_be_bytes());
+        bytes.extend(client_frame(Kind::Text, true, b"late"));
+        let out = pair.send(&bytes);
+        assert_eq!(
+            out,
+            vec![Output::Close {
+                frame: frame::encode_close(CloseCode::Other(4000), ""),
+                violation: false
+            }]
+        );
+        assert_eq!(pair.server.phase(), Phase::Closing);
+        assert!(pair.server.phase().ends_when_flushed());
+    }
+
+    #[test]
+    fn a_violation_closes_with_its_code() {
+        let mut pair = Pair::new(Mode::Gateway);
+        let out = pair.send(&client_frame(Kind::Binary, true, b"x"));
+        let expected = frame::encode_close(
+            ProtocolViolation::Binary.close_code(),
+            &ProtocolViolation::Binary.to_string(),
+        );
+        assert_eq!(
+            out,
+            vec![Output::Close {
+                frame: expected,
+                violation: true
+            }]
+        );
+        assert!(
+            pair.send(&client_frame(Kind::Text, true, b"more"))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn echo_mode_echoes() {
+        let mut pair = Pair::new(Mode::Echo);
+        let out = pair.send(&client_frame(Kind::Binary, true, b"\x00\x01"));
+        assert_eq!(out, vec![Output::Send(encode(Kind::Binary, b"\x00\x01"))]);
+    }
+
+    #[test]
+    fn a_silent_peer_is_pinged_then_closed_in_virtual_time() {
+        let mut pair = Pair::new(Mode::Gateway);
+        assert_eq!(pair.advance_to(10).0, Due::At(30), "heard from at 0: wait");
+        assert_eq!(pair.advance_to(30).0, Due::Ping(40));
+        let (due, out) = pair.advance_to(40);
+        assert_eq!(due, Due::PongTimeout);
+        assert_eq!(
+            out,
+            vec![Output::Close {
+                frame: frame::encode_close(CloseCode::Internal, "ping timeout"),
+                violation: false
+            }]
+        );
+        assert_eq!(pair.server.phase(), Phase::CloseSent);
+        assert_eq!(pair.server.arm_close_deadline(40, &TIMING), Some(45));
+        assert_eq!(
+            pair.server.arm_close_deadline(41, &TIMING),
+            None,
+            "armed once"
+        );
+        assert_eq!(pair.advance_to(44).0, Due::At(45));
+        assert_eq!(pair.advance_to(45).0, Due::CloseTimeout);
+    }
+
+    #[test]
+    fn any_inbound_frame_answers_a_ping() {
+        let mut pair = Pair::new(Mode::Gateway);
+        assert_eq!(pair.advance_to(30).0, Due::Ping(40));
+        pair.now = 35;
+        pair.send(&client_frame(Kind::Pong, true, b""));
+        assert_eq!(
+            pair.advance_to(40).0,
+            Due::At(65),
+            "answered at 35: next ping at 65"
+        );
+        assert_eq!(pair.server.phase(), Phase::Open);
+    }
+
+    #[test]
+    fn our_close_answered_completes_the_handshake() {
+        let mut pair = Pair::new(Mode::Gateway);
+        assert!(pair.server.close(CloseCode::GoingAway, "bye").is_some());
+        assert!(pair.server.close(CloseCode::GoingAway, "twice").is_none());
+        // Data frames still arrive while our close is on its way; they are not served.
+        assert!(pair.send(&client_frame(Kind::Text, true, b"x")).is_empty());
+        pair.send(&client_frame(Kind::Close, true, &1000u16.to_be_bytes()));
+        assert_eq!(pair.server.phase(), Phase::Closing);
+    }
+
+    #[test]
+    fn heartbeats_off_needs_no_timer() {
+        let mut session = Session::new(Mode::Gateway, 0);
+        let timing = Timing {
+            interval: 0,
+            ..TIMING
+        };
+        assert_eq!(
+            session.handle_timeout(100, &timing, &mut Vec::new()),
+            Due::Never
+        );
+    }
+}
