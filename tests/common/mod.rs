@@ -14,6 +14,7 @@
 mod http;
 mod raw;
 mod slow;
+mod sse;
 mod versioned;
 mod ws;
 
@@ -24,6 +25,8 @@ pub use http::*;
 pub use raw::*;
 #[allow(unused_imports)]
 pub use slow::*;
+#[allow(unused_imports)]
+pub use sse::*;
 #[allow(unused_imports)]
 pub use versioned::*;
 #[allow(unused_imports)]
