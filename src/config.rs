@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::AuthConfig;
+
 /// Gateway settings. Each limit states the trade-off it makes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -164,6 +166,10 @@ pub struct Config {
     /// The header a trusted proxy names the client in (`X-Forwarded-For` style: the last
     /// address not itself a trusted proxy is the client).
     pub forwarded_header: String,
+    /// Authentication and authorization (`[auth]`; `TIDINGS_AUTH_<KEY>` in the
+    /// environment). The default authenticates no one and lets everyone do everything,
+    /// which [`Config::load`] accepts only on a loopback `listen` address.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -208,6 +214,7 @@ impl Default for Config {
             max_connections_per_ip: 10_000,
             trusted_proxies: Vec::new(),
             forwarded_header: "x-forwarded-for".to_string(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -305,6 +312,8 @@ setters! {
     trusted_proxies: Vec<String>,
     /// Sets [`Config::forwarded_header`].
     forwarded_header: String,
+    /// Sets [`Config::auth`].
+    auth: AuthConfig,
 }
 
 /// Where a setting came from; configuration errors name it.
@@ -443,8 +452,14 @@ impl Config {
                 continue;
             }
             let key = key.to_ascii_lowercase();
-            let value = env_value(&raw);
-            settings.push((ConfigSource::Env { name, value: raw }, key, value));
+            let (key, value) = nest_env(key, &raw);
+            // A secret must not reach an error message through its variable.
+            let shown = if name.contains("SECRET") {
+                "<redacted>".to_string()
+            } else {
+                raw
+            };
+            settings.push((ConfigSource::Env { name, value: shown }, key, value));
         }
         for (key, value) in overrides {
             let shown = match value {
@@ -469,7 +484,7 @@ impl Config {
                 return Err(ConfigError::UnknownKey { origin, key });
             };
             let mut alone = toml::Table::new();
-            alone.insert(key.clone(), value);
+            alone.insert(key.clone(), value.clone());
             let checked = match Config::deserialize(alone) {
                 Ok(checked) => checked,
                 Err(e) => {
@@ -484,6 +499,17 @@ impl Config {
                     });
                 }
             };
+            // A section merges key by key with the layers before it.
+            if let toml::Value::Table(section) = &value
+                && let Some(toml::Value::Table(merged)) = table.get_mut(&key)
+            {
+                merged.extend(section.clone());
+                continue;
+            }
+            if value.is_table() {
+                table.insert(key, value);
+                continue;
+            }
             // Keep the value as checked (a resolved `listen`), so it is not resolved twice.
             let normal = toml::Table::try_from(checked)
                 .ok()
@@ -492,8 +518,55 @@ impl Config {
                 table.insert(key, normal);
             }
         }
-        Config::deserialize(table).map_err(|e| ConfigError::Conflict(e.message().to_owned()))
+        let config = Config::deserialize(table)
+            .map_err(|e| ConfigError::Conflict(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
     }
+
+    /// Checks the settings that only make sense together: the `[auth]` section (its keys
+    /// are loaded, so a bad PEM or JWKS file is named here), and that a gateway open to
+    /// everyone listens on loopback only, unless `allow_anonymous` says so.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::auth::Auth::from_config(&self.auth)
+            .map_err(|e| ConfigError::Conflict(e.to_string()))?;
+        if !self.auth.is_enabled() && !self.auth.allow_anonymous && !self.listen.ip().is_loopback()
+        {
+            return Err(ConfigError::Conflict(open_beyond_loopback(self.listen)));
+        }
+        Ok(())
+    }
+}
+
+/// Why a gateway with no authentication does not listen on `addr`, and what to do.
+pub(crate) fn open_beyond_loopback(addr: SocketAddr) -> String {
+    format!(
+        "listen = {addr} is not a loopback address, and no authentication is configured: \
+         anyone who can reach it could subscribe, publish and close topics. Configure \
+         [auth] (hmac_secret, public_key_file, jwks or [[auth.api_keys]]), or set \
+         auth.allow_anonymous = true (TIDINGS_AUTH_ALLOW_ANONYMOUS=true) to serve everyone \
+         without authentication"
+    )
+}
+
+/// Maps `auth_<key>` (from `TIDINGS_AUTH_<KEY>`) to the `auth` section's `<key>`; any
+/// other key stays as it is. A string setting takes the raw text (a secret of digits is
+/// still a string).
+fn nest_env(key: String, raw: &str) -> (String, toml::Value) {
+    if let Some(inner) = key.strip_prefix("auth_") {
+        let defaults = toml::Table::try_from(AuthConfig::default()).unwrap_or_default();
+        if let Some(default) = defaults.get(inner) {
+            let value = if default.is_str() && !is_duration(default) {
+                toml::Value::String(raw.to_owned())
+            } else {
+                env_value(raw)
+            };
+            let mut section = toml::Table::new();
+            section.insert(inner.to_owned(), value);
+            return ("auth".to_owned(), toml::Value::Table(section));
+        }
+    }
+    (key, env_value(raw))
 }
 
 /// Whether a key's default (as TOML) is a duration: a string in humantime's syntax.

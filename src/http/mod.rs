@@ -1,6 +1,7 @@
 //! HTTP endpoints: routing, publishing, health, stats and metrics.
 
 mod conditional;
+pub(crate) mod guard;
 
 use std::sync::Arc;
 
@@ -52,8 +53,22 @@ fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-/// Routes one request.
+/// Routes one request, answering CORS preflights and adding CORS headers for listed
+/// origins.
 pub async fn route(
+    hub: &Arc<Hub>,
+    tracker: &TaskTracker,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() == Method::OPTIONS {
+        return guard::preflight(hub, req.headers());
+    }
+    let cors = guard::cors(hub, req.headers());
+    guard::with_cors(routes(hub, tracker, req).await, cors)
+}
+
+/// The routes.
+async fn routes(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
@@ -79,11 +94,17 @@ pub async fn route(
             _ => method_not_allowed("GET"),
         },
         ["stats"] => match *req.method() {
-            Method::GET => json_response(StatusCode::OK, &hub.metrics().stats()),
+            Method::GET => match guard::admin(hub, &req).await {
+                Ok(()) => json_response(StatusCode::OK, &hub.metrics().stats()),
+                Err(refused) => refused,
+            },
             _ => method_not_allowed("GET"),
         },
         ["metrics"] => match *req.method() {
             Method::GET => {
+                if let Err(refused) = guard::admin(hub, &req).await {
+                    return refused;
+                }
                 let accept = req
                     .headers()
                     .get(header::ACCEPT)
@@ -105,14 +126,20 @@ pub async fn route(
             let topic = percent_decode(topic);
             match *req.method() {
                 Method::POST => publish(hub, &topic, req).await,
-                Method::GET => poll(hub, &topic, &req),
+                Method::GET => match guard::read(hub, &req, &topic).await {
+                    Ok(_) => poll(hub, &topic, &req),
+                    Err(refused) => refused,
+                },
                 _ => method_not_allowed("GET, POST"),
             }
         }
         ["v1", "topics", topic, "state"] => {
             let topic = percent_decode(topic);
             match *req.method() {
-                Method::GET => get_state(hub, &topic, &req),
+                Method::GET => match guard::read(hub, &req, &topic).await {
+                    Ok(_) => get_state(hub, &topic, &req),
+                    Err(refused) => refused,
+                },
                 Method::PUT => put_state(hub, &topic, req).await,
                 Method::PATCH => patch_state(hub, &topic, req).await,
                 _ => method_not_allowed("GET, PUT, PATCH"),
@@ -121,12 +148,15 @@ pub async fn route(
         ["v1", "topics", topic, "close"] => {
             let topic = percent_decode(topic);
             match *req.method() {
-                Method::POST => match hub.close_topic(&topic) {
-                    Ok(version) => json_response(
-                        StatusCode::OK,
-                        &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
-                    ),
-                    Err(e) => publish_error(&e),
+                Method::POST => match guard::close(hub, &req).await {
+                    Err(refused) => refused,
+                    Ok(()) => match hub.close_topic(&topic) {
+                        Ok(version) => json_response(
+                            StatusCode::OK,
+                            &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
+                        ),
+                        Err(e) => publish_error(&e),
+                    },
                 },
                 _ => method_not_allowed("POST"),
             }
@@ -141,6 +171,9 @@ pub async fn route(
 
 /// `POST /v1/topics/{topic}/events`: the body is one JSON value, published as is.
 async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
     let limit = hub.config().max_publish_bytes;
     let body = match read_body(req, limit).await {
         Ok(body) => body,
@@ -395,6 +428,9 @@ fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<B
 
 /// `PUT /v1/topics/{topic}/state`: replaces the document.
 async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
     let if_match = if_match(&req);
     let body = match read_body(req, hub.config().max_publish_bytes).await {
         Ok(body) => body,
@@ -417,6 +453,9 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
 
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
 async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
     let media = req
         .headers()
         .get(header::CONTENT_TYPE)

@@ -217,6 +217,7 @@ impl ShardHandle {
 #[derive(Debug)]
 pub struct Hub {
     shared: Arc<Shared>,
+    auth: Arc<crate::auth::Auth>,
     shards: Vec<ShardHandle>,
     next_shard: AtomicUsize,
 }
@@ -244,6 +245,8 @@ impl Hub {
             state_budget: config.state_memory_budget,
         };
         let backlog = Backlog::new(config.publish_queue_bytes, config.topic_queue_len.max(1));
+        let auth = crate::auth::Auth::from_config(&config.auth)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let shared = Arc::new(Shared {
             config,
             metrics: Metrics::default(),
@@ -266,9 +269,15 @@ impl Hub {
         }
         Ok(Hub {
             shared,
+            auth: Arc::new(auth),
             shards,
             next_shard: AtomicUsize::new(0),
         })
+    }
+
+    /// Authentication and authorization, built from `config.auth`.
+    pub(crate) fn auth(&self) -> &Arc<crate::auth::Auth> {
+        &self.auth
     }
 
     /// The configuration the hub runs with.
