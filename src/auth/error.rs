@@ -4,9 +4,11 @@ use http::{HeaderValue, StatusCode};
 
 /// The WebSocket close code for a connection whose token expired without a `refresh`.
 /// 4000-4999 is the range RFC 6455 §7.4.2 leaves to applications; 4001 mirrors HTTP 401.
+#[allow(dead_code, reason = "for the WebSocket side")]
 pub(crate) const TOKEN_EXPIRED_CLOSE_CODE: u16 = 4001;
 
 /// The close reason sent with [`TOKEN_EXPIRED_CLOSE_CODE`].
+#[allow(dead_code, reason = "for the WebSocket side")]
 pub(crate) const TOKEN_EXPIRED_REASON: &str = "token_expired";
 
 /// Why authentication or authorization failed. Every message is fixed text: nothing a
@@ -51,6 +53,7 @@ pub(crate) enum AuthError {
     UnknownApiKey,
     /// A refreshed token names another subject than the connection's.
     #[error("a refreshed token must have the same subject")]
+    #[allow(dead_code, reason = "for the WebSocket side")]
     SubjectChanged,
     /// A valid identity without the grant it needs.
     #[error("not allowed for this identity")]

@@ -68,6 +68,7 @@ impl Grants {
     }
 
     /// Whether nothing is granted.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn is_empty(&self) -> bool {
         !self.everything && self.topics.is_empty() && self.patterns.is_empty()
     }
@@ -80,6 +81,7 @@ impl Grants {
     }
 
     /// Whether every topic `pattern` can match is granted.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn allows_pattern(&self, pattern: &Pattern) -> bool {
         if self.everything {
             return true;
@@ -100,6 +102,7 @@ impl Grants {
 /// Walks `outer`'s segments: `**` accepts whatever `inner` still has, as long as it has
 /// one more segment; `*` accepts any one segment of `inner` but its `**`; a literal
 /// accepts only the same literal. Without a `**`, both must end together.
+#[allow(dead_code, reason = "for the WebSocket side")]
 pub(crate) fn covers(outer: &Pattern, inner: &Pattern) -> bool {
     let inner = inner.segments();
     for (i, seg) in outer.segments().iter().enumerate() {
@@ -138,8 +141,11 @@ pub(crate) fn expand(template: &str, sub: &str) -> Option<String> {
 /// share one `Arc<Grants>`.
 #[derive(Debug, Default)]
 pub(crate) struct GrantCache {
-    sets: Mutex<HashMap<Box<[Box<str>]>, Weak<Grants>>>,
+    sets: Mutex<HashMap<GrantKey, Weak<Grants>>>,
 }
+
+/// A grant set's entries, sorted and deduplicated: the key it is interned under.
+type GrantKey = Box<[Box<str>]>;
 
 impl GrantCache {
     /// The shared grants of `entries` (sorted and deduplicated here, so order does not
@@ -147,7 +153,7 @@ impl GrantCache {
     pub(crate) fn get(&self, mut entries: Vec<Box<str>>) -> Result<Arc<Grants>, InvalidGrant> {
         entries.sort_unstable();
         entries.dedup();
-        let key: Box<[Box<str>]> = entries.into_boxed_slice();
+        let key: GrantKey = entries.into_boxed_slice();
         let mut sets = self.sets.lock();
         if let Some(grants) = sets.get(&key).and_then(Weak::upgrade) {
             return Ok(grants);
@@ -288,12 +294,25 @@ mod tests {
             granted in prop::collection::vec(pattern(), 0..4),
             exact in prop::collection::vec(topic(), 0..3),
             asked in pattern(),
-            samples in prop::collection::vec(topic(), 32),
+            mut samples in prop::collection::vec(topic(), 32),
+            picks in prop::collection::vec(0usize..4, 8),
         ) {
             let mut entries = granted.clone();
             entries.extend(exact);
             let grants = Grants::parse(&entries).unwrap();
             let asked = Pattern::parse(&asked).unwrap();
+            // Topics made to match `asked`, besides the random ones.
+            let letters = ["a", "b", "c", "d"];
+            let mut made = Vec::new();
+            for (i, seg) in asked.segments().iter().enumerate() {
+                let pick = letters[picks[i % picks.len()]];
+                match seg {
+                    Segment::Literal(l) => made.push(l.to_string()),
+                    Segment::Any => made.push(pick.to_string()),
+                    Segment::Rest => made.extend(std::iter::repeat_n(pick.to_string(), 1 + picks[0])),
+                }
+            }
+            samples.push(made.join(":"));
             if grants.allows_pattern(&asked) {
                 for t in samples.iter().filter(|t| asked.matches(t)) {
                     prop_assert!(grants.allows_topic(t), "{asked} allowed but not {t}");

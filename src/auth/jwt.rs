@@ -282,7 +282,7 @@ fn numeric_date(value: Option<&Value>) -> Option<u64> {
     }
     let f = value.as_f64()?;
     // Beyond 2^53 a float no longer counts seconds exactly.
-    (f.is_finite() && (0.0..9.0e15).contains(&f)).then(|| f as u64)
+    (f.is_finite() && (0.0..9.0e15).contains(&f)).then_some(f as u64)
 }
 
 /// The string claim `name`, if present and a string; `Err` if present and not a string.

@@ -4,8 +4,6 @@
 //! `subtle`'s constant-time equality, all of them every time, so neither the timing of a
 //! comparison nor the position of a match tells an attacker anything about a key.
 
-use std::sync::Arc;
-
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
@@ -18,10 +16,6 @@ pub(crate) struct ApiKey {
     /// For logs.
     pub(crate) name: Box<str>,
     digest: [u8; 32],
-    /// What it may publish to (and read).
-    pub(crate) publish: Arc<Grants>,
-    /// Close, stats, metrics.
-    pub(crate) admin: bool,
 }
 
 /// Why an `[[auth.api_keys]]` entry was refused.
@@ -58,7 +52,7 @@ impl ApiKeys {
             if keys.iter().any(|k| k.digest == digest) {
                 return Err(KeyConfigError::Duplicate(index));
             }
-            let publish = Grants::parse(&key.publish)
+            Grants::parse(&key.publish)
                 .map_err(|InvalidGrant(entry)| KeyConfigError::Grant { index, entry })?;
             let name = if key.name.is_empty() {
                 format!("api_keys[{index}]")
@@ -68,16 +62,9 @@ impl ApiKeys {
             keys.push(ApiKey {
                 name: name.into(),
                 digest,
-                publish: Arc::new(publish),
-                admin: key.admin,
             });
         }
         Ok(ApiKeys { keys })
-    }
-
-    /// Whether any key is configured.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 
     /// The name of key `index`, for logs.
@@ -150,14 +137,8 @@ mod tests {
         ])
         .unwrap();
         let second = keys.get(keys.find("second").unwrap()).unwrap();
-        assert!(second.admin && second.publish.allows_topic("b"));
         assert_eq!(&*second.name, "api_keys[1]");
-        assert!(
-            keys.get(keys.find("first").unwrap())
-                .unwrap()
-                .publish
-                .allows_topic("a:x")
-        );
+        assert_eq!(keys.find("first"), Some(0));
         assert!(keys.find("third").is_none() && keys.find("").is_none());
     }
 

@@ -27,7 +27,9 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ApiKeyConfig, AuthConfig, IssuerConfig, Secret};
-pub(crate) use error::{AuthError, TOKEN_EXPIRED_CLOSE_CODE, TOKEN_EXPIRED_REASON};
+pub(crate) use error::AuthError;
+#[allow(unused_imports, reason = "for the WebSocket side")]
+pub(crate) use error::{TOKEN_EXPIRED_CLOSE_CODE, TOKEN_EXPIRED_REASON};
 pub(crate) use grants::Grants;
 use grants::{GrantCache, MAX_CLAIM_ENTRIES, expand};
 use jwks::{JwksSource, Location};
@@ -45,11 +47,12 @@ pub(crate) const JWKS_WAIT: Duration = jwks::JWKS_FETCH_TIMEOUT;
 
 /// Who a request or connection is and what it may do.
 ///
-/// 48 bytes (pinned by a test). A connection that keeps it holds two pointers to grant
+/// 56 bytes (pinned by a test). A connection that keeps it holds two pointers to grant
 /// sets shared with every identity of the same claims (interned by [`Auth`]), its
 /// expiry, and its subject on the heap (`sub`'s length plus an allocation), which a
 /// connection needs only to check that a `refresh` keeps the subject.
 #[derive(Debug, Clone)]
+#[allow(dead_code, reason = "for the WebSocket side")]
 pub(crate) struct Identity {
     /// The token's `sub`, or an API key's name; `None` for anonymous.
     pub(crate) subject: Option<Box<str>>,
@@ -141,7 +144,6 @@ pub(crate) struct Auth {
     publish_claim: Box<str>,
     public: Vec<Box<str>>,
     user_topics: Vec<Box<str>>,
-    allow_anonymous: bool,
     protect_admin: bool,
     token_expiring: Duration,
     api_keys: ApiKeys,
@@ -308,7 +310,6 @@ impl Auth {
                 .iter()
                 .map(|s| s.as_str().into())
                 .collect(),
-            allow_anonymous: config.allow_anonymous,
             protect_admin: config.protect_admin,
             token_expiring: config.token_expiring,
             api_keys,
@@ -326,8 +327,9 @@ impl Auth {
 
     /// Whether clients without credentials are let in (with the `public` grants, or with
     /// everything when authentication is off).
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn allows_anonymous(&self) -> bool {
-        self.anonymous.is_some() && (self.allow_anonymous || !self.enabled)
+        self.anonymous.is_some()
     }
 
     /// Whether `/stats` and `/metrics` need an admin identity.
@@ -336,6 +338,7 @@ impl Auth {
     }
 
     /// How long before [`Identity::expires`] a WebSocket is sent `token_expiring`.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn token_expiring(&self) -> Duration {
         self.token_expiring
     }
@@ -365,6 +368,7 @@ impl Auth {
     /// header (`Authorization: Bearer` or `X-API-Key`), never from a URL or subprotocol,
     /// which proxies and browsers keep in logs and history. With authentication off,
     /// credentials are ignored and everyone gets everything.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn authenticate(
         &self,
         presented: Option<&Presented>,
@@ -422,6 +426,7 @@ impl Auth {
     /// Verifies a JWT at `now` (Unix seconds) into an identity. A `kid` unknown to its
     /// issuer's JWKS fails with [`AuthError::UnknownKey`] at once and asks the refresher
     /// for a reload (rate-limited), so the same token succeeds once the new set is in.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn verify(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
         match self.verify_once(token, now) {
             Err(Unverified::UnknownKid(source)) => {
@@ -455,6 +460,7 @@ impl Auth {
 
     /// Checks a token sent to keep a connection open: verified like the first, and for the
     /// same subject.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     pub(crate) fn refresh(
         &self,
         current: &Identity,

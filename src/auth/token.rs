@@ -13,6 +13,7 @@ use super::AuthError;
 use crate::proto::handshake::SUBPROTOCOL_V1;
 
 /// The prefix of the subprotocol entry that carries a token.
+#[allow(dead_code, reason = "for the WebSocket side")]
 pub(crate) const TOKEN_SUBPROTOCOL_PREFIX: &str = "tidings.token.";
 
 /// The header publishers may send their API key in (instead of `Authorization: Bearer`).
@@ -60,6 +61,7 @@ pub(crate) enum Source {
     /// `?token=<credential>`.
     Query,
     /// `Sec-WebSocket-Protocol: ..., tidings.token.<credential>`.
+    #[allow(dead_code, reason = "for the WebSocket side")]
     Subprotocol,
 }
 
@@ -105,6 +107,7 @@ pub(crate) fn from_request(headers: &HeaderMap, uri: &Uri) -> Result<Option<Pres
 /// client offered it, never the entry that carries the token. A browser fails a
 /// handshake whose answer selects none of the subprotocols it offered, so clients that
 /// send the token this way must offer `tidings.v1` too.
+#[allow(dead_code, reason = "for the WebSocket side")]
 pub(crate) fn from_upgrade(
     headers: &HeaderMap,
     uri: &Uri,
