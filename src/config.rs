@@ -818,11 +818,17 @@ mod tests {
         );
         let env = vec![
             ("TIDINGS_AUTH_LEEWAY".to_string(), "5".to_string()),
-            ("TIDINGS_AUTH_USER_TOPICS".to_string(), "[\"user:{sub}\"]".to_string()),
+            (
+                "TIDINGS_AUTH_USER_TOPICS".to_string(),
+                "[\"user:{sub}\"]".to_string(),
+            ),
             ("TIDINGS_AUTH_TOKEN_EXPIRING".to_string(), "30s".to_string()),
         ];
         let c = Config::load(Some(&file), env, &[]).unwrap();
-        assert_eq!(c.auth.hmac_secret.expose(), "file-secret-0123456789abcdef-01234");
+        assert_eq!(
+            c.auth.hmac_secret.expose(),
+            "file-secret-0123456789abcdef-01234"
+        );
         assert_eq!(c.auth.public, vec!["news".to_string()]);
         assert_eq!(c.auth.leeway, 5);
         assert_eq!(c.auth.user_topics, vec!["user:{sub}".to_string()]);
@@ -833,12 +839,24 @@ mod tests {
         assert_eq!(c.auth.hmac_secret.expose(), digits);
         let e = Config::load(None, env_pair("TIDINGS_AUTH_NOPE", "1"), &[]).unwrap_err();
         assert!(e.to_string().contains("unknown key `auth_nope`"), "{e}");
-        let e = Config::load(None, env_pair("TIDINGS_AUTH_HMAC_SECRET", "short-secret"), &[]);
+        let e = Config::load(
+            None,
+            env_pair("TIDINGS_AUTH_HMAC_SECRET", "short-secret"),
+            &[],
+        );
         let text = e.unwrap_err().to_string();
-        assert!(text.contains("hmac_secret") && !text.contains("short-secret"), "{text}");
+        assert!(
+            text.contains("hmac_secret") && !text.contains("short-secret"),
+            "{text}"
+        );
         let file = temp_file("auth-bad.toml", "[auth]\nleeway = \"lots\"\n");
-        let text = Config::load(Some(&file), Vec::new(), &[]).unwrap_err().to_string();
-        assert!(text.contains("auth") && text.contains("invalid type"), "{text}");
+        let text = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("auth") && text.contains("invalid type"),
+            "{text}"
+        );
     }
 
     fn env_pair(name: &str, value: &str) -> Vec<(String, String)> {
