@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::AuthConfig;
+
 /// Gateway settings. Each limit states the trade-off it makes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -175,6 +177,10 @@ pub struct Config {
     /// requests at 30–60 s.
     #[serde(with = "humantime_serde")]
     pub max_poll_wait: Duration,
+    /// Authentication and authorization (`[auth]`; `TIDINGS_AUTH_<KEY>` in the
+    /// environment). The default authenticates no one and lets everyone do everything,
+    /// which [`Config::load`] accepts only on a loopback `listen` address.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -221,6 +227,7 @@ impl Default for Config {
             forwarded_header: "x-forwarded-for".to_string(),
             sse_retry: Duration::from_secs(3),
             max_poll_wait: Duration::from_secs(30),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -322,6 +329,8 @@ setters! {
     sse_retry: Duration,
     /// Sets [`Config::max_poll_wait`].
     max_poll_wait: Duration,
+    /// Sets [`Config::auth`].
+    auth: AuthConfig,
 }
 
 /// Where a setting came from; configuration errors name it.
@@ -460,8 +469,14 @@ impl Config {
                 continue;
             }
             let key = key.to_ascii_lowercase();
-            let value = env_value(&raw);
-            settings.push((ConfigSource::Env { name, value: raw }, key, value));
+            let (key, value) = nest_env(key, &raw);
+            // A secret must not reach an error message through its variable.
+            let shown = if name.contains("SECRET") {
+                "<redacted>".to_string()
+            } else {
+                raw
+            };
+            settings.push((ConfigSource::Env { name, value: shown }, key, value));
         }
         for (key, value) in overrides {
             let shown = match value {
@@ -486,7 +501,7 @@ impl Config {
                 return Err(ConfigError::UnknownKey { origin, key });
             };
             let mut alone = toml::Table::new();
-            alone.insert(key.clone(), value);
+            alone.insert(key.clone(), value.clone());
             let checked = match Config::deserialize(alone) {
                 Ok(checked) => checked,
                 Err(e) => {
@@ -501,6 +516,17 @@ impl Config {
                     });
                 }
             };
+            // A section merges key by key with the layers before it.
+            if let toml::Value::Table(section) = &value
+                && let Some(toml::Value::Table(merged)) = table.get_mut(&key)
+            {
+                merged.extend(section.clone());
+                continue;
+            }
+            if value.is_table() {
+                table.insert(key, value);
+                continue;
+            }
             // Keep the value as checked (a resolved `listen`), so it is not resolved twice.
             let normal = toml::Table::try_from(checked)
                 .ok()
@@ -509,8 +535,55 @@ impl Config {
                 table.insert(key, normal);
             }
         }
-        Config::deserialize(table).map_err(|e| ConfigError::Conflict(e.message().to_owned()))
+        let config = Config::deserialize(table)
+            .map_err(|e| ConfigError::Conflict(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
     }
+
+    /// Checks the settings that only make sense together: the `[auth]` section (its keys
+    /// are loaded, so a bad PEM or JWKS file is named here), and that a gateway open to
+    /// everyone listens on loopback only, unless `allow_anonymous` says so.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::auth::Auth::from_config(&self.auth)
+            .map_err(|e| ConfigError::Conflict(e.to_string()))?;
+        if !self.auth.is_enabled() && !self.auth.allow_anonymous && !self.listen.ip().is_loopback()
+        {
+            return Err(ConfigError::Conflict(open_beyond_loopback(self.listen)));
+        }
+        Ok(())
+    }
+}
+
+/// Why a gateway with no authentication does not listen on `addr`, and what to do.
+pub(crate) fn open_beyond_loopback(addr: SocketAddr) -> String {
+    format!(
+        "listen = {addr} is not a loopback address, and no authentication is configured: \
+         anyone who can reach it could subscribe, publish and close topics. Configure \
+         [auth] (hmac_secret, public_key_file, jwks or [[auth.api_keys]]), or set \
+         auth.allow_anonymous = true (TIDINGS_AUTH_ALLOW_ANONYMOUS=true) to serve everyone \
+         without authentication"
+    )
+}
+
+/// Maps `auth_<key>` (from `TIDINGS_AUTH_<KEY>`) to the `auth` section's `<key>`; any
+/// other key stays as it is. A string setting takes the raw text (a secret of digits is
+/// still a string).
+fn nest_env(key: String, raw: &str) -> (String, toml::Value) {
+    if let Some(inner) = key.strip_prefix("auth_") {
+        let defaults = toml::Table::try_from(AuthConfig::default()).unwrap_or_default();
+        if let Some(default) = defaults.get(inner) {
+            let value = if default.is_str() && !is_duration(default) {
+                toml::Value::String(raw.to_owned())
+            } else {
+                env_value(raw)
+            };
+            let mut section = toml::Table::new();
+            section.insert(inner.to_owned(), value);
+            return ("auth".to_owned(), toml::Value::Table(section));
+        }
+    }
+    (key, env_value(raw))
 }
 
 /// Whether a key's default (as TOML) is a duration: a string in humantime's syntax.
@@ -752,6 +825,59 @@ mod tests {
                 "no table row for {key}"
             );
         }
+    }
+
+    #[test]
+    fn auth_keys_merge_across_layers_and_secrets_stay_hidden() {
+        let file = temp_file(
+            "auth.toml",
+            "[auth]\nhmac_secret = \"file-secret-0123456789abcdef-01234\"\npublic = [\"news\"]\n",
+        );
+        let env = vec![
+            ("TIDINGS_AUTH_LEEWAY".to_string(), "5".to_string()),
+            (
+                "TIDINGS_AUTH_USER_TOPICS".to_string(),
+                "[\"user:{sub}\"]".to_string(),
+            ),
+            ("TIDINGS_AUTH_TOKEN_EXPIRING".to_string(), "30s".to_string()),
+        ];
+        let c = Config::load(Some(&file), env, &[]).unwrap();
+        assert_eq!(
+            c.auth.hmac_secret.expose(),
+            "file-secret-0123456789abcdef-01234"
+        );
+        assert_eq!(c.auth.public, vec!["news".to_string()]);
+        assert_eq!(c.auth.leeway, 5);
+        assert_eq!(c.auth.user_topics, vec!["user:{sub}".to_string()]);
+        assert_eq!(c.auth.token_expiring, Duration::from_secs(30));
+        // A secret of digits is still a string.
+        let digits = "12345678901234567890123456789012345";
+        let c = Config::load(None, env_pair("TIDINGS_AUTH_HMAC_SECRET", digits), &[]).unwrap();
+        assert_eq!(c.auth.hmac_secret.expose(), digits);
+        let e = Config::load(None, env_pair("TIDINGS_AUTH_NOPE", "1"), &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown key `auth_nope`"), "{e}");
+        let e = Config::load(
+            None,
+            env_pair("TIDINGS_AUTH_HMAC_SECRET", "short-secret"),
+            &[],
+        );
+        let text = e.unwrap_err().to_string();
+        assert!(
+            text.contains("hmac_secret") && !text.contains("short-secret"),
+            "{text}"
+        );
+        let file = temp_file("auth-bad.toml", "[auth]\nleeway = \"lots\"\n");
+        let text = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("auth") && text.contains("invalid type"),
+            "{text}"
+        );
+    }
+
+    fn env_pair(name: &str, value: &str) -> Vec<(String, String)> {
+        vec![(name.to_string(), value.to_string())]
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`heartbeat`]: the one timer wheel behind every connection's ping/pong deadline;
 //! - `net`: the accept loop, hyper connections, and the upgrade hand-off to a shard;
 //! - `http`: the HTTP endpoints (publish, health, stats, metrics);
+//! - `auth`: tokens, API keys, grants and the origin policy ([`AuthConfig`]);
 //! - [`Config`], [`Gateway`]: what an embedder or the `tidings` binary uses.
 //!
 //! ```no_run
@@ -29,6 +30,7 @@
 
 #![deny(missing_docs)]
 
+mod auth;
 mod config;
 pub mod heartbeat;
 mod http;
@@ -41,6 +43,7 @@ pub mod topic;
 use std::future::Future;
 use std::sync::Arc;
 
+pub use auth::{ApiKeyConfig, AuthConfig, IssuerConfig, Secret};
 pub use config::{Config, ConfigError, ConfigSource};
 pub use hub::{PollError, PublishError, Published, StateWritten, SubscribeError, TopicError};
 pub use metrics::{ClosedStats, Stats};
@@ -106,6 +109,19 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let auth = self.hub.auth();
+        if let Ok(addr) = listener.local_addr()
+            && !addr.ip().is_loopback()
+            && !auth.is_enabled()
+            && !self.hub.config().auth.allow_anonymous
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                config::open_beyond_loopback(addr),
+            ));
+        }
+        // JWKS reloads run while serving and stop with it.
+        let _refreshing = auth.start();
         net::serve(self.hub, listener, shutdown).await
     }
 }

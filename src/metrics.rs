@@ -30,11 +30,13 @@ pub enum CloseReason {
     IoError,
     /// A gateway-wide buffer budget was full (`max_inbound_buffered_bytes`): close 1013.
     Overloaded,
+    /// The connection's token expired without a `refresh` (close 4001).
+    TokenExpired,
 }
 
 impl CloseReason {
     /// Every reason, in the order `/stats` lists them.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::Normal,
         CloseReason::ProtocolError,
         CloseReason::SlowConsumer,
@@ -43,6 +45,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::IoError,
         CloseReason::Overloaded,
+        CloseReason::TokenExpired,
     ];
 
     /// The name used in `/stats` and as the `reason` label in `/metrics`.
@@ -56,6 +59,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::IoError => "io_error",
             CloseReason::Overloaded => "overloaded",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -228,6 +232,7 @@ impl Metrics {
                 shutdown: self.closed(CloseReason::Shutdown),
                 io_error: self.closed(CloseReason::IoError),
                 overloaded: self.closed(CloseReason::Overloaded),
+                token_expired: self.closed(CloseReason::TokenExpired),
             },
             publications: self.publications.get(),
             deliveries: self.deliveries.get(),
@@ -507,6 +512,8 @@ pub struct ClosedStats {
     pub io_error: u64,
     /// Closed because a gateway-wide buffer budget was full (1013).
     pub overloaded: u64,
+    /// Tokens that expired without a `refresh` (close 4001).
+    pub token_expired: u64,
 }
 
 #[cfg(test)]

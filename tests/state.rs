@@ -94,7 +94,7 @@ fn write_for(w: u64, n: u64) -> (bool, Value) {
             json!({"op": "add", "path": "/list/-", "value": n * 100 + w}),
             json!({"op": "remove", "path": "/list/0"}),
         ];
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             ops.push(json!({"op": "replace", "path": "/owner", "value": w}));
         }
         (false, Value::Array(ops))

@@ -66,15 +66,27 @@ fn settings_help() -> String {
          \"30s\", \"1m 30s\". docs/OPERATIONS.md (section Configuration) explains each \
          key and its trade-off.\n\nKeys and their defaults:\n",
     );
-    match toml::to_string(&Config::default()) {
-        Ok(text) => {
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                help.push_str("  ");
-                help.push_str(line);
-                help.push('\n');
-            }
+    let text = match toml::to_string(&Config::default()) {
+        Ok(text) => text,
+        Err(e) => {
+            help.push_str(&format!("  (cannot list them: {e})\n"));
+            return help;
         }
-        Err(e) => help.push_str(&format!("  (cannot list them: {e})\n")),
+    };
+    let mut indent = "  ";
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // A section (`[auth]`): its keys are `auth.<key>`, TIDINGS_AUTH_<KEY>.
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let upper = section.to_ascii_uppercase();
+            help.push_str(&format!(
+                "  {section} = the [{section}] section; TIDINGS_{upper}_<KEY> sets {section}.<key>:\n"
+            ));
+            indent = "    ";
+            continue;
+        }
+        help.push_str(indent);
+        help.push_str(line);
+        help.push('\n');
     }
     help
 }

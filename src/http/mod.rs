@@ -3,7 +3,7 @@
 
 mod conditional;
 pub(crate) mod context;
-mod cors;
+pub(crate) mod guard;
 pub(crate) mod limits;
 pub(crate) mod sse;
 pub(crate) mod upgrade;
@@ -65,29 +65,40 @@ fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-/// Routes one request.
-pub(crate) async fn route(
+/// Routes one request, answering CORS preflights and adding CORS headers for listed
+/// origins.
+pub async fn route(
+    hub: &Arc<Hub>,
+    tracker: &TaskTracker,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() == Method::OPTIONS {
+        return guard::preflight(hub, req.headers());
+    }
+    let cors = guard::cors(hub, req.headers());
+    guard::with_cors(routes(hub, tracker, req).await, cors)
+}
+
+/// The routes.
+async fn routes(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if let Some(response) = cors::preflight(hub.config(), &req, segments.as_slice()) {
-        return response;
-    }
     match segments.as_slice() {
         // The upgrade validates the method itself, so a wrong one gets the handshake's error.
-        ["ws"] => upgrade(hub, tracker, req, Mode::Gateway, None),
+        ["ws"] => upgrade(hub, tracker, req, Mode::Gateway, None).await,
         ["ws", app, profile] => {
             // The config use case: a connection already subscribed to `app:profile`.
             let topic = format!("{}:{}", percent_decode(app), percent_decode(profile));
             match crate::topic::validate_topic(&topic) {
-                Ok(()) => upgrade(hub, tracker, req, Mode::Gateway, Some(topic)),
+                Ok(()) => upgrade(hub, tracker, req, Mode::Gateway, Some(topic)).await,
                 Err(e) => error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string()),
             }
         }
-        ["echo"] if hub.config().echo => upgrade(hub, tracker, req, Mode::Echo, None),
+        ["echo"] if hub.config().echo => upgrade(hub, tracker, req, Mode::Echo, None).await,
         ["healthz"] => match *req.method() {
             Method::GET | Method::HEAD => {
                 json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -95,11 +106,17 @@ pub(crate) async fn route(
             _ => method_not_allowed("GET"),
         },
         ["stats"] => match *req.method() {
-            Method::GET => json_response(StatusCode::OK, &hub.metrics().stats()),
+            Method::GET => match guard::admin(hub, &req).await {
+                Ok(()) => json_response(StatusCode::OK, &hub.metrics().stats()),
+                Err(refused) => refused,
+            },
             _ => method_not_allowed("GET"),
         },
         ["metrics"] => match *req.method() {
             Method::GET => {
+                if let Err(refused) = guard::admin(hub, &req).await {
+                    return refused;
+                }
                 let accept = req
                     .headers()
                     .get(header::ACCEPT)
@@ -121,7 +138,10 @@ pub(crate) async fn route(
             let topic = percent_decode(topic);
             match *req.method() {
                 Method::POST => publish(hub, &topic, req).await,
-                Method::GET => cors::readable(hub.config(), &req, poll(hub, &topic, &req).await),
+                Method::GET => match guard::read(hub, &req, &topic).await {
+                    Ok(_) => poll(hub, &topic, &req).await,
+                    Err(refused) => refused,
+                },
                 _ => method_not_allowed("GET, POST"),
             }
         }
@@ -133,7 +153,10 @@ pub(crate) async fn route(
         ["v1", "topics", topic, "state"] => {
             let topic = percent_decode(topic);
             match *req.method() {
-                Method::GET => cors::readable(hub.config(), &req, get_state(hub, &topic, &req)),
+                Method::GET => match guard::read(hub, &req, &topic).await {
+                    Ok(_) => get_state(hub, &topic, &req),
+                    Err(refused) => refused,
+                },
                 Method::PUT => put_state(hub, &topic, req).await,
                 Method::PATCH => patch_state(hub, &topic, req).await,
                 _ => method_not_allowed("GET, PUT, PATCH"),
@@ -142,12 +165,15 @@ pub(crate) async fn route(
         ["v1", "topics", topic, "close"] => {
             let topic = percent_decode(topic);
             match *req.method() {
-                Method::POST => match hub.close_topic(&topic) {
-                    Ok(version) => json_response(
-                        StatusCode::OK,
-                        &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
-                    ),
-                    Err(e) => publish_error(&e),
+                Method::POST => match guard::close(hub, &req).await {
+                    Err(refused) => refused,
+                    Ok(()) => match hub.close_topic(&topic) {
+                        Ok(version) => json_response(
+                            StatusCode::OK,
+                            &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
+                        ),
+                        Err(e) => publish_error(&e),
+                    },
                 },
                 _ => method_not_allowed("POST"),
             }
@@ -162,6 +188,9 @@ pub(crate) async fn route(
 
 /// `POST /v1/topics/{topic}/events`: the body is one JSON value, published as is.
 async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
     let limit = hub.config().max_publish_bytes;
     let body = match read_body(req, limit).await {
         Ok(body) => body,
@@ -440,6 +469,9 @@ fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<B
 
 /// `PUT /v1/topics/{topic}/state`: replaces the document.
 async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
     let if_match = if_match(&req);
     let body = match read_body(req, hub.config().max_publish_bytes).await {
         Ok(body) => body,
@@ -462,6 +494,9 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
 
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
 async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
     let media = req
         .headers()
         .get(header::CONTENT_TYPE)

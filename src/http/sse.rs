@@ -164,30 +164,25 @@ pub(crate) fn prepare(
         request,
         single: single.is_some(),
         base_ms,
+        identity: None,
     })
-}
-
-/// The CORS headers of an SSE response, or the refusal of its origin.
-pub(crate) fn cors(
-    config: &crate::Config,
-    headers: &HeaderMap,
-) -> Result<Vec<(&'static str, String)>, Refusal> {
-    super::cors::for_read(config, headers)
 }
 
 /// The head of an SSE response. The body has no declared length (RFC 9112 §6.3: it ends
 /// when the connection closes), so its bytes are exactly the events, shared as they are
 /// by every subscriber; `X-Accel-Buffering: no` asks nginx not to buffer it.
-pub(crate) fn response_head(extra: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn response_head(extra: &[(http::HeaderName, HeaderValue)]) -> Vec<u8> {
     let mut head = String::from(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
          x-accel-buffering: no\r\nconnection: close\r\n",
     );
     for (name, value) in extra {
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
+        if let Ok(value) = value.to_str() {
+            head.push_str(name.as_str());
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
     }
     head.push_str("\r\n");
     head.into_bytes()
@@ -244,7 +239,8 @@ mod tests {
 
     #[test]
     fn the_head_has_no_length() {
-        let head = String::from_utf8(response_head(&[("vary", "origin")])).expect("ascii");
+        let vary = (header::VARY, HeaderValue::from_static("origin"));
+        let head = String::from_utf8(response_head(&[vary])).expect("ascii");
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(head.contains("vary: origin\r\n"));
         assert!(!head.to_ascii_lowercase().contains("content-length"));

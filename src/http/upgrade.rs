@@ -60,7 +60,7 @@ pub(crate) fn reserve_place(
 
 /// Answers a WebSocket upgrade request: validates it, replies 101 and, once hyper hands the
 /// socket back, hands it to a shard. Refusals are JSON errors.
-pub(crate) fn upgrade(
+pub(crate) async fn upgrade(
     hub: &Arc<Hub>,
     tracker: &TaskTracker,
     mut req: http::Request<Incoming>,
@@ -91,6 +91,15 @@ pub(crate) fn upgrade(
             return response;
         }
     };
+    // Before anything is reserved: a refused credential costs no connection place.
+    let identity = if hub.auth().is_enabled() {
+        match super::guard::upgrade(hub, &req).await {
+            Ok(identity) => Some(identity),
+            Err(refused) => return refused,
+        }
+    } else {
+        None
+    };
     let ctx = req.extensions().get::<RequestContext>().cloned();
     let slot = match reserve_place(hub, ctx.as_ref(), req.headers()) {
         Ok(slot) => slot,
@@ -118,7 +127,12 @@ pub(crate) fn upgrade(
         };
         match reclaim(upgraded) {
             Ok((stream, leftover)) => {
-                hub.register(stream, leftover, Open::WebSocket { mode, subscribe }, slot)
+                let open = Open::WebSocket {
+                    mode,
+                    subscribe,
+                    identity,
+                };
+                hub.register(stream, leftover, open, slot)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot take the socket back");

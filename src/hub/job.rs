@@ -10,6 +10,7 @@ use super::backlog::Backlog;
 use super::peers::IpSlot;
 use super::topics::{Publication, Topics};
 use crate::Config;
+use crate::auth::{Auth, Identity};
 use crate::metrics::{CloseReason, Metrics};
 use crate::proto::CloseCode;
 use crate::proto::message::SubscriptionRequest;
@@ -25,8 +26,8 @@ pub(crate) enum Job {
         stream: std::net::TcpStream,
         /// Bytes the client sent after its request.
         leftover: Vec<u8>,
-        /// What the peer is.
-        open: Open,
+        /// What the peer is (boxed: a register is rare next to a publication).
+        open: Box<Open>,
         /// The client's place under `max_connections_per_ip`, given back when dropped.
         ip: IpSlot,
     },
@@ -50,6 +51,8 @@ pub(crate) enum Open {
         mode: Mode,
         /// A topic to subscribe at once (snapshot first), for `GET /ws/{app}/{profile}`.
         subscribe: Option<String>,
+        /// Who it is, when authentication is on.
+        identity: Option<Identity>,
     },
     /// An SSE stream after its `200` head.
     Sse(SseOpen),
@@ -64,6 +67,8 @@ pub(crate) struct SseOpen {
     pub single: bool,
     /// A resumed pattern stream's base time (Unix ms), from its cursor.
     pub base_ms: Option<u64>,
+    /// Who it is, when authentication is on.
+    pub identity: Option<Identity>,
 }
 
 /// What the shards share with the rest of the gateway.
@@ -75,6 +80,8 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// The topics.
     pub topics: Topics,
+    /// Authentication: token refreshes are verified on the shards.
+    pub auth: Arc<Auth>,
     /// The publish queues' bound.
     pub backlog: Arc<Backlog>,
     /// Peers open or being set up.

@@ -111,6 +111,9 @@ pub enum SubscribeError {
     /// A new topic, and the gateway holds `max_topics` topics.
     #[error("the gateway holds {0} topics, its limit")]
     TooManyTopics(usize),
+    /// The connection's grants do not cover this topic or pattern.
+    #[error("not allowed to subscribe to {0}")]
+    Forbidden(String),
     /// A `since` or `last_version` of the topic's epoch past its last publication: it did
     /// not come from this topic, and resuming from it would skip what comes next.
     #[error("{since} is past {topic}'s last version {current}")]
@@ -137,6 +140,7 @@ impl SubscribeError {
             SubscribeError::NotSubscribed(_) => "not_subscribed",
             SubscribeError::TooManyTopics(_) => "too_many_topics",
             SubscribeError::VersionAhead { .. } => "version_ahead",
+            SubscribeError::Forbidden(_) => "forbidden",
         }
     }
 }
@@ -172,10 +176,13 @@ impl Hub {
             state_budget: config.state_memory_budget,
         };
         let backlog = Backlog::new(config.publish_queue_bytes, config.topic_queue_len.max(1));
+        let auth = crate::auth::Auth::from_config(&config.auth)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let shared = Arc::new(Shared {
             config,
             metrics: Metrics::default(),
             topics: Topics::new(limits),
+            auth: Arc::new(auth),
             backlog,
             open: AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
@@ -197,6 +204,11 @@ impl Hub {
             shards,
             next_shard: AtomicUsize::new(0),
         })
+    }
+
+    /// Authentication and authorization, built from `config.auth`.
+    pub(crate) fn auth(&self) -> &Arc<crate::auth::Auth> {
+        &self.shared.auth
     }
 
     /// The configuration the hub runs with.
@@ -247,7 +259,7 @@ impl Hub {
         self.shards[shard].send(Job::Register {
             stream,
             leftover,
-            open,
+            open: Box::new(open),
             ip,
         });
     }

@@ -17,6 +17,7 @@ use super::outbox::{Flush, Outbox, Push};
 use super::peers::IpSlot;
 use super::sse::SseStream;
 use super::topics::Publication;
+use crate::auth::Identity;
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::session::{Output, Phase, Session};
@@ -147,8 +148,20 @@ pub struct Peer {
     pub(super) replying: bool,
     /// `queued_bytes()` and `inbound_bytes()` as last added to the shard's budgets.
     pub(super) accounted: (u32, u32),
+    /// Who the client is and what it may subscribe to; `None` with authentication off.
+    pub(super) access: Option<Box<Access>>,
     /// The client's place under `max_connections_per_ip`, given back with the peer.
     _ip: IpSlot,
+}
+
+/// An authenticated peer's identity, and whether it was told its token is expiring.
+#[derive(Debug)]
+pub struct Access {
+    /// The identity of the last token verified (grants shared with every peer that has the
+    /// same claims).
+    pub identity: Identity,
+    /// Whether `token_expiring` was sent for this token.
+    pub warned: bool,
 }
 
 impl Peer {
@@ -174,6 +187,7 @@ impl Peer {
             write_interest: false,
             replying: false,
             accounted: (0, 0),
+            access: None,
             _ip: ip,
         }
     }
@@ -377,8 +391,8 @@ mod tests {
 
     /// docs/ARCHITECTURE.md states this size; an idle WebSocket costs its slab entry.
     #[test]
-    fn a_peer_is_216_bytes() {
-        assert_eq!(std::mem::size_of::<Peer>(), 216);
+    fn a_peer_is_224_bytes() {
+        assert_eq!(std::mem::size_of::<Peer>(), 224);
     }
 
     #[test]

@@ -106,6 +106,32 @@ pub(super) fn serve(
         }
         .to_frame(),
         Ok(ClientMessage::Pong) => return,
+        Ok(ClientMessage::Refresh { token, id }) => match conn.access.as_mut() {
+            None => error_frame(
+                "auth_disabled",
+                "authentication is off: there is no token to refresh",
+                id.as_ref(),
+            ),
+            Some(access) => {
+                match shared
+                    .auth
+                    .refresh(&access.identity, &token, crate::auth::unix_now())
+                {
+                    Ok(identity) => {
+                        let expires = identity.expires;
+                        access.identity = identity;
+                        access.warned = false;
+                        ServerMessage::Refreshed {
+                            id: id.as_ref(),
+                            expires,
+                            ts: now_ms(),
+                        }
+                        .to_frame()
+                    }
+                    Err(e) => error_frame(e.code(), &e.to_string(), id.as_ref()),
+                }
+            }
+        },
     };
     conn.send(reply);
 }
@@ -194,6 +220,15 @@ pub(super) fn subscribe(
         })
         .collect();
     new_patterns.dedup();
+    if let Some(access) = &conn.access {
+        let grants = &access.identity.subscribe;
+        if let Some(t) = new_topics.iter().find(|t| !grants.allows_topic(t)) {
+            return Err(SubscribeError::Forbidden(t.to_string()));
+        }
+        if let Some(p) = new_patterns.iter().find(|p| !grants.allows_pattern(p)) {
+            return Err(SubscribeError::Forbidden(p.to_string()));
+        }
+    }
     let max = shared.config.max_subscriptions;
     if subs.len() + new_topics.len() + new_patterns.len() > max {
         return Err(SubscribeError::TooMany(max));

@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::job::{Job, Open, Shared, SseOpen};
-use super::peer::{Delivery, Peer, RateLimiter, Received, Subscription, Transport};
+use super::peer::{Access, Delivery, Peer, RateLimiter, Received, Subscription, Transport};
 use super::requests::{detach, error_frame, serve, subscribe};
 use super::sse::SseStream;
 use super::topics::{Content, Publication};
@@ -218,7 +218,7 @@ impl Shard {
                 leftover,
                 open,
                 ip,
-            } => self.register(stream, &leftover, open, ip),
+            } => self.register(stream, &leftover, *open, ip),
             Job::CloseAll { code, reason } => {
                 // Everything accepted before shutdown goes out before the close frames.
                 self.serve_pending(usize::MAX);
@@ -452,8 +452,12 @@ impl Shard {
         let config = &self.shared.config;
         let now = self.wheel.now();
         let limiter = RateLimiter::new(config.rate_limit, clock_ms);
-        let (transport, max_queued, subscribe_to) = match open {
-            Open::WebSocket { mode, subscribe } => {
+        let (transport, max_queued, subscribe_to, identity) = match open {
+            Open::WebSocket {
+                mode,
+                subscribe,
+                identity,
+            } => {
                 let max_queued = match mode {
                     // An echoed message must fit the outbox whole.
                     Mode::Echo => config
@@ -467,12 +471,13 @@ impl Shard {
                 });
                 let session = Session::new(mode, now);
                 let transport = Transport::WebSocket(session);
-                (transport, max_queued, request.map(|r| (r, None)))
+                (transport, max_queued, request.map(|r| (r, None)), identity)
             }
             Open::Sse(SseOpen {
                 request,
                 single,
                 base_ms,
+                identity,
             }) => {
                 let stream = if single {
                     SseStream::single()
@@ -482,7 +487,8 @@ impl Shard {
                     SseStream::multi(&request.topics, base)
                 };
                 let transport = Transport::Sse(Box::new(stream));
-                (transport, config.max_queued_bytes, Some((request, base_ms)))
+                let subscribe = Some((request, base_ms));
+                (transport, config.max_queued_bytes, subscribe, identity)
             }
         };
         let is_sse = matches!(transport, Transport::Sse(_));
@@ -491,9 +497,17 @@ impl Shard {
         ));
         let slot = slot as SlotId;
         tracing::debug!(slot, generation, sse = is_sse, "peer open");
-        if self.timing.interval != 0 {
-            self.wheel
-                .insert(now + u64::from(self.timing.interval), (slot, generation));
+        if let Some(peer) = self.slots.get_mut(slot as usize) {
+            peer.access = identity.map(|identity| {
+                Box::new(Access {
+                    identity,
+                    warned: false,
+                })
+            });
+        }
+        let first = (self.timing.interval != 0).then(|| now + u64::from(self.timing.interval));
+        if let Some(at) = self.with_expiry(slot, first) {
+            self.wheel.insert(at, (slot, generation));
         }
         if let Some(peer) = self.slots.get_mut(slot as usize) {
             if is_sse {
@@ -713,15 +727,34 @@ impl Shard {
             if peer.generation != generation {
                 continue;
             }
+            if self.on_expiry(slot) {
+                // Closed for its expired token; its close deadline is armed by `settle`.
+                self.settle(slot);
+                continue;
+            }
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
             let verdict = match peer.transport_mut() {
                 Transport::WebSocket(session) => {
                     session.handle_timeout(now, &self.timing, &mut outputs)
                 }
                 Transport::Sse(stream) => stream.handle_timeout(now, &self.timing),
             };
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
             match verdict {
-                Due::Never => {}
-                Due::At(at) => self.wheel.insert(at, (slot, generation)),
+                Due::Never => {
+                    if let Some(at) = self.with_expiry(slot, None) {
+                        self.wheel.insert(at, (slot, generation));
+                    }
+                }
+                Due::At(at) => {
+                    if let Some(at) = self.with_expiry(slot, Some(at)) {
+                        self.wheel.insert(at, (slot, generation));
+                    }
+                }
                 Due::Ping(at) => {
                     if matches!(peer.transport(), Transport::Sse(_)) {
                         let _ = peer.send(Bytes::from_static(sse::HEARTBEAT));
@@ -739,7 +772,9 @@ impl Shard {
                             let _ = peer.send(json);
                         }
                     }
-                    self.wheel.insert(at, (slot, generation));
+                    if let Some(at) = self.with_expiry(slot, Some(at)) {
+                        self.wheel.insert(at, (slot, generation));
+                    }
                     self.settle(slot);
                 }
                 Due::PongTimeout => {
@@ -763,6 +798,71 @@ impl Shard {
         }
         self.outputs = outputs;
         self.due = due;
+    }
+
+    /// The tick to look at a peer again: `at` (its transport's next timer), or sooner when
+    /// its token's expiry warning or expiry comes first. Expiry rides the heartbeat's wheel
+    /// entry, so it costs no timer of its own.
+    fn with_expiry(&self, slot: SlotId, at: Option<u64>) -> Option<u64> {
+        let peer = self.slots.get(slot as usize)?;
+        let expiry = peer.access.as_ref().and_then(|access| {
+            let expires = access.identity.expires?;
+            let warn = self.shared.auth.token_expiring().as_secs();
+            // An SSE client cannot refresh: it is only ended at expiry.
+            let sse = matches!(peer.transport(), Transport::Sse(_));
+            let next = if access.warned || sse {
+                expires
+            } else {
+                expires.saturating_sub(warn)
+            };
+            let wait = next.saturating_sub(crate::auth::unix_now());
+            let ticks = (wait * 1000) / (self.tick.as_millis().max(1) as u64);
+            Some(self.now_tick() + ticks)
+        });
+        match (at, expiry) {
+            (Some(a), Some(e)) => Some(a.min(e)),
+            (a, e) => a.or(e),
+        }
+    }
+
+    /// Warns a peer whose token expires within `token_expiring`, or closes one whose token
+    /// has expired (4001 `token_expired`; an SSE stream's final `close` event says so).
+    /// Returns whether it closed it.
+    fn on_expiry(&mut self, slot: SlotId) -> bool {
+        let warn = self.shared.auth.token_expiring().as_secs();
+        let Some(peer) = self.slots.get_mut(slot as usize) else {
+            return false;
+        };
+        let is_sse = matches!(peer.transport(), Transport::Sse(_));
+        let Some(access) = peer.access.as_mut() else {
+            return false;
+        };
+        let Some(expires) = access.identity.expires else {
+            return false;
+        };
+        let now = crate::auth::unix_now();
+        if now >= expires {
+            if peer.phase().is_open() {
+                peer.close(
+                    CloseCode::Other(crate::auth::TOKEN_EXPIRED_CLOSE_CODE),
+                    crate::auth::TOKEN_EXPIRED_REASON,
+                    CloseReason::TokenExpired,
+                    false,
+                );
+                return true;
+            }
+            return false;
+        }
+        if !access.warned && !is_sse && now + warn >= expires {
+            access.warned = true;
+            let frame = ServerMessage::TokenExpiring {
+                expires,
+                ts: now_ms(),
+            }
+            .to_frame();
+            let _ = peer.send(frame);
+        }
+        false
     }
 }
 

@@ -351,18 +351,26 @@ async fn serve_sse(hub: &Arc<Hub>, mut stream: TcpStream, ctx: &RequestContext) 
         Err(_) => return write_refusal(stream, request_timeout_response()).await,
     };
     let (method, uri, headers) = head;
-    let opened = sse::prepare(hub, &method, &uri, &headers)
-        .and_then(|open| sse::cors(hub.config(), &headers).map(|cors| (open, cors)))
-        .and_then(|(open, cors)| {
-            crate::http::upgrade::reserve_place(hub, Some(ctx), &headers)
-                .map(|slot| (open, cors, slot))
-        });
-    let (open, cors, slot) = match opened {
-        Ok(opened) => opened,
+    let mut open = match sse::prepare(hub, &method, &uri, &headers) {
+        Ok(open) => open,
         Err(response) => return write_refusal(stream, *response).await,
     };
-    let extra: Vec<(&str, &str)> = cors.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let head = sse::response_head(&extra);
+    let mut req = http::Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let request = &open.request;
+    let identity =
+        match crate::http::guard::stream(hub, &req, &request.topics, &request.patterns).await {
+            Ok(identity) => identity,
+            Err(response) => return write_refusal(stream, response).await,
+        };
+    open.identity = hub.auth().is_enabled().then_some(identity);
+    let slot = match crate::http::upgrade::reserve_place(hub, Some(ctx), req.headers()) {
+        Ok(slot) => slot,
+        Err(response) => return write_refusal(stream, *response).await,
+    };
+    let head = sse::response_head(&crate::http::guard::cors(hub, req.headers()));
     if stream.write_all(&head).await.is_err() {
         hub.release_unused();
         return;

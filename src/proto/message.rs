@@ -35,6 +35,13 @@ pub enum ClientMessage {
     },
     /// Application-level pong; counts as liveness only.
     Pong,
+    /// A new token for a connection whose token is about to expire (same subject).
+    Refresh {
+        /// The new token (never logged).
+        token: String,
+        /// Request id echoed in the reply.
+        id: Option<Value>,
+    },
 }
 
 /// The body of `subscribe` and `unsubscribe`.
@@ -144,6 +151,12 @@ pub fn parse_client(text: &str, max_depth: usize) -> Result<ClientMessage, Messa
         }
         "ping" => Ok(ClientMessage::Ping { id }),
         "pong" => Ok(ClientMessage::Pong),
+        "refresh" => match obj.remove("token") {
+            Some(Value::String(token)) => Ok(ClientMessage::Refresh { token, id }),
+            _ => Err(MessageError::InvalidJson(
+                "missing string field \"token\"".to_string(),
+            )),
+        },
         _ => Err(MessageError::UnknownType(kind)),
     }
 }
@@ -238,6 +251,25 @@ pub enum ServerMessage<'a> {
         /// The request id, when one was given.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a Value>,
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
+    /// The connection's token expires at `expires` (Unix seconds): send `refresh` before
+    /// then, or the connection is closed with 4001.
+    TokenExpiring {
+        /// When the connection will be closed, Unix seconds.
+        expires: u64,
+        /// Server time, ms since the Unix epoch.
+        ts: u64,
+    },
+    /// Acknowledges a `refresh`: the connection now runs on the new token.
+    Refreshed {
+        /// The request id, when one was given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a Value>,
+        /// When the new token expires (Unix seconds), if it does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires: Option<u64>,
         /// Server time, ms since the Unix epoch.
         ts: u64,
     },

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 mod http;
+mod keys;
 mod raw;
 mod slow;
 mod sse;
@@ -21,6 +22,8 @@ mod ws;
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
 pub use http::*;
+#[allow(unused_imports)]
+pub use keys::*;
 #[allow(unused_imports)]
 pub use raw::*;
 #[allow(unused_imports)]
