@@ -454,3 +454,16 @@ async fn a_client_moving_ws_then_long_poll_then_sse_sees_each_publication_once()
     seen.push(sse.next_events(1).await[0].1);
     assert_eq!(seen, (1..=9).collect::<Vec<u64>>());
 }
+
+#[tokio::test]
+async fn a_multi_topic_stream_sees_a_topic_close() {
+    let gw = TestGateway::start_default().await;
+    let mut sse = SseClient::open(gw.addr, "/v1/sse?topics=c1,c2", &[]).await;
+    publish_ok(gw.addr, "c1", b"{}").await;
+    assert_eq!(sse.next_events(1).await, vec![("c1".into(), 1)]);
+    let closed = http_request(gw.addr, "POST", "/v1/topics/c1/close", &[], b"").await;
+    assert_eq!(closed.status, 200, "{closed:?}");
+    let message = sse.next_message().await;
+    assert_eq!(message["type"], "closed", "{message}");
+    assert_eq!(message["version"], closed.json()["version"]);
+}

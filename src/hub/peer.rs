@@ -279,7 +279,12 @@ impl Peer {
                 match cursor {
                     None => self.send(event),
                     Some(cursor) => match self.send(event) {
-                        Delivery::Written | Delivery::Queued => self.send(cursor),
+                        // The later outcome tells the shard what to do next (queued
+                        // bytes need writability, an overflow the policy).
+                        first @ (Delivery::Written | Delivery::Queued) => match self.send(cursor) {
+                            Delivery::Written => first,
+                            later => later,
+                        },
                         other => {
                             // An event without its blank line must still be ended.
                             if self.phase().is_open() {

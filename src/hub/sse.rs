@@ -261,7 +261,7 @@ impl SseStream {
         if let Some((topic, version)) = &event.position
             && let Ok(version) = version.parse::<Version>()
         {
-            if cursor.has(topic, version) {
+            if event.once && cursor.has(topic, version) {
                 return None;
             }
             cursor.record(topic, version);
@@ -281,7 +281,7 @@ impl SseStream {
             return Some((event.with_id.clone(), None));
         };
         if let Some(version) = cached.version {
-            if cursor.has(&publication.topic, version) {
+            if event.once && cursor.has(&publication.topic, version) {
                 return None;
             }
             cursor.record(&publication.topic, version);

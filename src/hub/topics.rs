@@ -324,6 +324,7 @@ impl Topics {
             // topic of the same name must not receive them.
             let idle = topic.subscribers.load(Ordering::SeqCst) == 0
                 && topic.queued.load(Ordering::Acquire) == 0
+                && topic.pollers.load(Ordering::Acquire) == 0
                 && state.history.is_empty()
                 && !matches!(state.content, Content::State(_));
             if idle {

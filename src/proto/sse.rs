@@ -23,6 +23,9 @@ pub struct Event {
     /// The topic and version the message carries (`version`, or `new_version` of a
     /// `change`), the version as the wire string `epoch:offset`.
     pub position: Option<(Box<str>, Box<str>)>,
+    /// Whether it is a publication a stream delivers once (`event` or `change`), as
+    /// opposed to a message that may repeat a version (`snapshot`, `closed`).
+    pub once: bool,
 }
 
 /// The JSON payload of an unmasked server text frame.
@@ -91,6 +94,7 @@ pub fn encode(frame: &[u8]) -> Option<Event> {
         with_id,
         body,
         position: position.map(|(t, v)| (Box::from(t), Box::from(v))),
+        once: matches!(kind, "event" | "change"),
     })
 }
 
