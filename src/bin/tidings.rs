@@ -12,8 +12,8 @@ use tidings::{Config, Gateway};
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// tidings: a real-time update gateway (WebSocket and HTTP polling fan-out of topic
-/// publications).
+/// tidings: a real-time update gateway (WebSocket, Server-Sent Events and HTTP
+/// (long-)polling fan-out of topic publications).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
