@@ -145,13 +145,13 @@ for path in sorted(glob.glob(os.path.join(out, "longpoll-*.json"))):
         polls.append((os.path.basename(path)[:-5], json.load(f)))
 if polls:
     print("\n#### Long-poll: waiting pollers on empty topics\n")
-    print("| run | pollers | gateway settings | waiting | answered at once | /healthz while waiting | bytes per waiting poller |")
+    print("| run | pollers | gateway settings | held by the gateway | answered at once | /healthz while waiting | bytes per held poller |")
     print("|---|---|---|---|---|---|---|")
     for name, r in polls:
         env = ", ".join(f"{k}={v}" for k, v in r["env"].items()) or "defaults"
         early = ", ".join(f"{k}: {v}" for k, v in sorted(r["answered_early"].items())) or "none"
         hz = "timed out (3 s)" if r["healthz_ms_while_waiting"] is None else f'{r["healthz_ms_while_waiting"]} ms'
-        print(f'| {name} | {r["pollers"]:,} | {env} | {r["waiting"]:,} | {early} | {hz} | {fmt(r["bytes_per_waiting_poller"])} |')
+        print(f'| {name} | {r["pollers"]:,} | {env} | {r["held_by_gateway"]:,} | {early} | {hz} | {fmt(r["bytes_per_held_poller"])} |')
 
 limits = []
 for path in glob.glob(os.path.join(out, "limit-*.json")):
