@@ -82,6 +82,77 @@ for n in (1000, 10000):
             ("total_us_per_delivery", "total µs/delivery"),
         ], floor_ratio=("p99_ms", "total_us_per_delivery"))
 
+SSE_ORDER = ["tidings", "tidings (sse)", "tidings-floor", "tidings-floor (sse)"]
+
+
+def sse_table(title, rows, columns, ratio_keys):
+    """WebSocket and SSE rows of the same runs: each SSE row's ratio to the same server's
+    WebSocket row, and each tidings row's ratio to the floor over the same transport."""
+    print(f"\n#### {title}\n")
+    print("| server | " + " | ".join(c[1] for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for target in SSE_ORDER:
+        if target not in rows:
+            continue
+        row = rows[target]
+        is_sse = target.endswith(" (sse)")
+        same_ws = rows.get(target[: -len(" (sse)")], {}) if is_sse else {}
+        floor = rows.get("tidings-floor (sse)" if is_sse else "tidings-floor", {})
+        cells = []
+        for key, _ in columns:
+            cell = fmt(row.get(key))
+            notes = []
+            if key in ratio_keys and row.get(key) is not None:
+                if same_ws.get(key):
+                    notes.append(f"{row[key] / same_ws[key]:.2f}x ws")
+                if target.startswith("tidings ") or target == "tidings":
+                    if floor.get(key):
+                        notes.append(f"{row[key] / floor[key]:.2f}x floor")
+            if notes:
+                cell += " (" + ", ".join(notes) + ")"
+            cells.append(cell)
+        print(f"| {target} | " + " | ".join(cells) + " |")
+
+
+runs = load("sse-idle-10000-*.json")
+if runs:
+    rows = median_rows(runs, ["bytes_per_conn", "connect_s", "rss_before_mib", "rss_connected_mib"])
+    sse_table(f"Idle, WebSocket and SSE: 10,000 connections (median of {len(runs)})", rows, [
+        ("bytes_per_conn", "bytes per connection"),
+        ("connect_s", "connect s"),
+        ("rss_before_mib", "RSS before MiB"),
+        ("rss_connected_mib", "RSS connected MiB"),
+    ], ())
+
+for n in (1000, 10000):
+    runs = load(f"sse-fanout-{n}-*.json")
+    if runs:
+        keys = ["p50_ms", "p99_ms", "p999_ms", "lost", "duplicates", "user_us_per_delivery", "total_us_per_delivery"]
+        rows = median_rows(runs, keys)
+        sse_table(f"Fan-out, WebSocket and SSE: {n:,} subscribers, 10 publications/s, 256 B (median of {len(runs)})", rows, [
+            ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"),
+            ("p999_ms", "p99.9 ms"),
+            ("lost", "lost"),
+            ("duplicates", "dup"),
+            ("user_us_per_delivery", "user µs/delivery"),
+            ("total_us_per_delivery", "total µs/delivery"),
+        ], ("p99_ms", "total_us_per_delivery"))
+
+polls = []
+for path in sorted(glob.glob(os.path.join(out, "longpoll-*.json"))):
+    with open(path) as f:
+        polls.append((os.path.basename(path)[:-5], json.load(f)))
+if polls:
+    print("\n#### Long-poll: waiting pollers on empty topics\n")
+    print("| run | pollers | gateway settings | held by the gateway | answered at once | /healthz while waiting | bytes per held poller |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in polls:
+        env = ", ".join(f"{k}={v}" for k, v in r["env"].items()) or "defaults"
+        early = ", ".join(f"{k}: {v}" for k, v in sorted(r["answered_early"].items())) or "none"
+        hz = "timed out (3 s)" if r["healthz_ms_while_waiting"] is None else f'{r["healthz_ms_while_waiting"]} ms'
+        print(f'| {name} | {r["pollers"]:,} | {env} | {r["held_by_gateway"]:,} | {early} | {hz} | {fmt(r["bytes_per_held_poller"])} |')
+
 limits = []
 for path in glob.glob(os.path.join(out, "limit-*.json")):
     n = int(path.rsplit("-", 1)[1].split(".")[0])

@@ -1,6 +1,7 @@
-//! One client WebSocket connection, kept as cheap as the measurement needs: a tokio
-//! `TcpStream`, a leftover buffer that only holds bytes of a partial frame, and reads into
-//! a scratch buffer shared by every connection of the (single-threaded) worker.
+//! One client connection, WebSocket or Server-Sent Events, kept as cheap as the
+//! measurement needs: a socket, a leftover buffer that only holds bytes of a partial frame
+//! (or event block), and reads into a scratch buffer shared by every connection of the
+//! (single-threaded) worker.
 
 use std::cell::RefCell;
 use std::io;
@@ -376,5 +377,239 @@ impl WsConn {
         }
         self.flush_out().await?;
         Ok(end)
+    }
+}
+
+/// A client Server-Sent Events stream of one topic: like [`WsConn`], a socket and the
+/// bytes of a partial event block, parsed by [`crate::sse`].
+#[derive(Debug)]
+pub struct SseConn {
+    fd: AsyncFd<std::net::TcpStream>,
+    pending: Vec<u8>,
+    close_reason: Vec<u8>,
+}
+
+impl SseConn {
+    /// Sends the stream request for `topic` in one write on a fresh connection, checks
+    /// the `200` head and waits for the stream's `retry:` hint, which the gateway writes
+    /// once the stream is subscribed. Bytes after it are kept.
+    pub async fn open(mut stream: TcpStream, host: &str, topic: &str) -> Result<SseConn, Fail> {
+        stream
+            .write_all(&crate::sse::topic_request(host, topic))
+            .await?;
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        let mut head_len = None;
+        loop {
+            stream.readable().await?;
+            match stream.try_read(&mut chunk) {
+                Ok(0) => return Err(Fail::Ended(End::Eof)),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Fail::Io(e)),
+            }
+            if head_len.is_none() {
+                let Some(end) = wire::head_end(&buf) else {
+                    if buf.len() > MAX_HEAD {
+                        return Err(Fail::Upgrade(0));
+                    }
+                    continue;
+                };
+                match wire::response_status(&buf[..end]) {
+                    Some(200) => {}
+                    Some(s) => return Err(Fail::Upgrade(s)),
+                    None => return Err(Fail::Upgrade(0)),
+                }
+                head_len = Some(end);
+                buf.drain(..end);
+            }
+            let mut pos = 0;
+            let mut subscribed = false;
+            while let Some((block, used)) = crate::sse::next_event(&buf[pos..]) {
+                pos += used;
+                if block.retry.is_some() {
+                    subscribed = true;
+                    break;
+                }
+            }
+            buf.drain(..pos);
+            if subscribed {
+                break;
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(Fail::Upgrade(0));
+            }
+        }
+        buf.shrink_to_fit();
+        let std = stream.into_std()?;
+        std.set_nonblocking(true)?;
+        // SAFETY: as in `WsConn::upgrade`: the AsyncFd owns the std stream and its fd.
+        let fd = unsafe { AsyncFd::register(std) }.map_err(|e| Fail::Io(e.into()))?;
+        Ok(SseConn {
+            fd,
+            pending: buf,
+            close_reason: Vec::new(),
+        })
+    }
+
+    /// The reason of the server's `close` event, once one arrived (empty otherwise).
+    pub fn close_reason(&self) -> &[u8] {
+        &self.close_reason
+    }
+
+    /// Like [`WsConn::read_some`]: one read, then each event's `data:` (the message
+    /// JSON) to `on_text` with the time of the read. A `close` event ends the stream
+    /// with its code; there is nothing to answer, so replies are ignored.
+    pub async fn read_some(
+        &mut self,
+        scratch: &RefCell<Vec<u8>>,
+        mut on_text: impl FnMut(&[u8], u64) -> Reply,
+    ) -> Result<Option<End>, Fail> {
+        let mut guard = self.fd.readable().await?;
+        let mut scratch = scratch.borrow_mut();
+        let held = self.pending.len();
+        let want = held + READ_CHUNK;
+        if scratch.len() < want {
+            scratch.resize(want, 0);
+        }
+        scratch[..held].copy_from_slice(&self.pending);
+        let space = scratch.len() - held;
+        let n = match guard.get_inner().read(&mut scratch[held..]) {
+            Ok(0) if held > 0 => return Ok(Some(End::EofMidFrame)),
+            Ok(0) => return Ok(Some(End::Eof)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                guard.clear_ready();
+                return Ok(None);
+            }
+            Err(e) => return Err(Fail::Io(e)),
+        };
+        if n < space {
+            // Drained; see `WsConn::read_some`.
+            guard.clear_ready();
+        }
+        let now = wire::now_ns();
+        let data = &scratch[..held + n];
+        let mut pos = 0;
+        while let Some((block, used)) = crate::sse::next_event(&data[pos..]) {
+            pos += used;
+            let Some(text) = block.data else { continue };
+            if block.event == Some(b"close") {
+                if let Some(reason) = json_string_after(&text, b"\"reason\":\"") {
+                    self.close_reason.clear();
+                    self.close_reason.extend_from_slice(reason);
+                }
+                let code = wire::number_after(&text, b"\"code\":").and_then(|c| c.try_into().ok());
+                self.pending.clear();
+                return Ok(Some(End::Close(code)));
+            }
+            on_text(&text, now);
+        }
+        self.pending.clear();
+        self.pending.extend_from_slice(&data[pos..]);
+        Ok(None)
+    }
+}
+
+/// The raw (still escaped) JSON string value after `key`, up to its closing quote.
+fn json_string_after<'a>(json: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let start = memchr::memmem::find(json, key)? + key.len();
+    let rest = &json[start..];
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(&rest[..i]),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Which transport a subscriber uses.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// A WebSocket (`--path`, then a `subscribe` message).
+    #[default]
+    Ws,
+    /// A Server-Sent Events stream of one topic, `GET /v1/topics/{topic}/sse`.
+    Sse,
+}
+
+impl Transport {
+    /// The transport's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// A subscribed client connection of either transport.
+#[derive(Debug)]
+pub enum Conn {
+    /// A WebSocket.
+    Ws(WsConn),
+    /// A Server-Sent Events stream.
+    Sse(SseConn),
+}
+
+impl Conn {
+    /// One read, handing every complete message's JSON to `on_text`; see
+    /// [`WsConn::read_some`] and [`SseConn::read_some`].
+    pub async fn read_some(
+        &mut self,
+        scratch: &RefCell<Vec<u8>>,
+        counts: &mut FrameCounts,
+        on_text: impl FnMut(&[u8], u64) -> Reply,
+    ) -> Result<Option<End>, Fail> {
+        match self {
+            Conn::Ws(ws) => ws.read_some(scratch, counts, on_text).await,
+            Conn::Sse(sse) => sse.read_some(scratch, on_text).await,
+        }
+    }
+
+    /// The reason the server gave when it ended the connection (empty otherwise).
+    pub fn close_reason(&self) -> &[u8] {
+        match self {
+            Conn::Ws(ws) => ws.close_reason(),
+            Conn::Sse(sse) => sse.close_reason(),
+        }
+    }
+
+    /// A WebSocket sends a close frame with `code`; an SSE client has no way to say
+    /// goodbye but closing the socket, so this is `Unsupported` for it.
+    pub async fn send_close(&mut self, code: u16) -> io::Result<()> {
+        match self {
+            Conn::Ws(ws) => ws.send_close(code).await,
+            Conn::Sse(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reason_is_taken_up_to_its_quote() {
+        let json = br#"{"type":"close","code":1013,"reason":"slow \"x\" consumer"}"#;
+        assert_eq!(
+            json_string_after(json, b"\"reason\":\""),
+            Some(&br#"slow \"x\" consumer"#[..])
+        );
+        assert_eq!(json_string_after(b"{}", b"\"reason\":\""), None);
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Layout:
 //! - [`wire`]: sans-IO WebSocket frames, handshake, event scanning, HTTP heads;
-//! - [`conn`]: one cheap client connection (raw frames, shared scratch buffer);
+//! - [`sse`]: sans-IO Server-Sent Events: the stream request, an incremental parser;
+//! - [`conn`]: one cheap client connection, WebSocket or SSE (raw bytes, shared scratch
+//!   buffer);
 //! - [`worker`]: a client worker process (single-threaded tokio runtime);
 //! - [`coord`]: the coordinator's handle on worker processes and result merging;
 //! - [`run`]: one measured run (connect, churn, publish, drain, sample the server);
@@ -31,6 +33,7 @@ pub mod report;
 pub mod run;
 pub mod scenarios;
 pub mod server;
+pub mod sse;
 pub mod stall;
 pub mod target;
 pub mod wire;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use tidings_loadtest::Result;
+use tidings_loadtest::conn::Transport;
 use tidings_loadtest::flood::{self, FloodPlan};
 use tidings_loadtest::report::{self, Row};
 use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
@@ -177,6 +178,13 @@ struct Common {
     /// WebSocket upgrade path.
     #[arg(long, default_value = "/ws")]
     path: String,
+    /// How subscribers connect: `ws` (upgrade at `--path`, then `subscribe`) or `sse`
+    /// (`GET /v1/topics/{topic}/sse`, one fresh connection per stream). Several
+    /// (`--transport ws,sse`) measure each spawned server once per transport, a fresh
+    /// process each time, one after another in the same run; SSE columns are labelled
+    /// `SERVER (sse)`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ws")]
+    transport: Vec<Transport>,
     /// Topic prefix: topics are PREFIX:0 .. PREFIX:T-1.
     #[arg(long, default_value = "bench")]
     prefix: String,
@@ -283,31 +291,47 @@ fn client_opts(common: &Common) -> ClientOpts {
         drain: Duration::from_millis(common.drain_ms),
         progress: !common.quiet && !common.json,
         warmup: common.warmup,
+        transport: Transport::Ws,
+    }
+}
+
+/// The table label of `target` measured over `transport`: the server's own label for
+/// WebSocket (so WebSocket-only results read as before), `SERVER (sse)` for SSE.
+fn labelled(target: &mut Target, transport: Transport) {
+    if transport != Transport::Ws {
+        target.label = format!("{} ({})", target.label, transport.name());
     }
 }
 
 /// Runs `one` against every target of `common` (the attached one, then each spawned
-/// one in turn) and prints the rows.
+/// one in turn), once per transport of `common` (a freshly spawned server each time),
+/// and prints the rows.
 fn each_target(
     common: &Common,
     name: &str,
     params: serde_json::Value,
-    mut one: impl FnMut(&mut Target) -> Result<Row>,
+    mut one: impl FnMut(&mut Target, Transport) -> Result<Row>,
 ) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     if let Some(url) = &common.url {
-        let mut target = Target::attach(url, common.pid)?;
-        rows.push(one(&mut target)?);
+        for &transport in &common.transport {
+            let mut target = Target::attach(url, common.pid)?;
+            labelled(&mut target, transport);
+            rows.push(one(&mut target, transport)?);
+        }
     } else if common.spawn.is_empty() {
         return Err("give --spawn PATH (repeatable) or --url http://host:port".into());
     }
     for path in &common.spawn {
-        let mut target = Target::spawn(path, &common.server_args)?;
-        if !common.quiet && !common.json {
-            eprintln!("{name}: {} on {}", target.label, target.addr);
+        for &transport in &common.transport {
+            let mut target = Target::spawn(path, &common.server_args)?;
+            labelled(&mut target, transport);
+            if !common.quiet && !common.json {
+                eprintln!("{name}: {} on {}", target.label, target.addr);
+            }
+            rows.push(one(&mut target, transport)?);
+            // Dropping the target stops the server before the next one starts.
         }
-        rows.push(one(&mut target)?);
-        // Dropping the target stops the server before the next one starts.
     }
     if common.json {
         let doc = report::to_json(name, params, &rows);
@@ -379,8 +403,11 @@ fn measure(cmd: Cmd) -> Result<()> {
                 "body_length": stall::BODY_LENGTH, "reopen_ms": reopen_ms, "tries": tries,
                 "try_timeout_ms": try_timeout_ms, "spread_s": spread_secs,
             });
+            if common.transport != [Transport::Ws] {
+                return Err("stall measures WebSocket upgrades only: drop --transport".into());
+            }
             let opts = client_opts(&common);
-            return each_target(&common, "stall", params, |target| {
+            return each_target(&common, "stall", params, |target, _| {
                 let data = stall::run(target, &plan, &opts)?;
                 Ok(stall::row(&target.label, &plan, &data))
             });
@@ -435,15 +462,15 @@ fn measure(cmd: Cmd) -> Result<()> {
         Cmd::Worker => return Err("worker is not a scenario".into()),
     };
     let opts = client_opts(&common);
-    each_target(&common, scenario.name(), params, |target| {
+    each_target(&common, scenario.name(), params, |target, transport| {
+        let opts = ClientOpts {
+            transport,
+            ..opts.clone()
+        };
         let data = run::run(target, &plan, &opts)?;
-        Ok(scenarios::row(
-            scenario,
-            &target.label,
-            &plan,
-            &data,
-            tolerance,
-        ))
+        let mut row = scenarios::row(scenario, &target.label, &plan, &data, tolerance);
+        row.add("transport", "transport", transport.name());
+        Ok(row)
     })
 }
 
@@ -452,7 +479,11 @@ fn measure(cmd: Cmd) -> Result<()> {
 fn measure_flood(common: &Common, plan: &FloodPlan, params: serde_json::Value) -> Result<()> {
     let opts = client_opts(common);
     let mut violations = Vec::new();
-    each_target(common, "flood", params, |target| {
+    each_target(common, "flood", params, |target, transport| {
+        let opts = ClientOpts {
+            transport,
+            ..opts.clone()
+        };
         let data = flood::run(target, plan, &opts)?;
         if data.violations() > 0 {
             violations.push(format!("{}: {}", target.label, data.violations()));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Result;
+use crate::conn::Transport;
 use crate::coord::{Aggregate, Workers};
 use crate::publisher::Publisher;
 use crate::target::{ProcSample, Target};
@@ -46,6 +47,8 @@ pub struct ClientOpts {
     /// (allocator segments, thread buffers touched on first use) are not counted per
     /// connection.
     pub warmup: usize,
+    /// How subscribers connect and subscribe (WebSocket or an SSE stream).
+    pub transport: Transport,
 }
 
 /// Publishing during a run.
@@ -154,6 +157,7 @@ pub(crate) fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<Work
                 churn_hold_ms: u64::try_from(plan.churn_hold.as_millis()).unwrap_or(u64::MAX),
                 timeout_ms: u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX),
                 track_offsets: plan.track_offsets,
+                transport: opts.transport,
             };
             first += count;
             spec

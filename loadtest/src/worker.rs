@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::Result;
-use crate::conn::{self, End, Fail, FrameCounts, Reply, WsConn};
+use crate::conn::{self, Conn, End, Fail, FrameCounts, Reply, SseConn, Transport, WsConn};
 use crate::histo;
 use crate::offsets::{Ending, OffsetLog, Ranges, Tally};
 use crate::target::ProcSample;
@@ -300,18 +300,24 @@ fn judge_all(shared: &Shared, accepted: &Ranges) -> Tally {
     tally
 }
 
-/// Connect, upgrade, subscribe to `topic` and wait for `subscribed`.
+/// Connect and subscribe to `topic`: a WebSocket upgrades, subscribes and waits for
+/// `subscribed`; an SSE stream requests the topic's stream and waits for its `retry:`.
 async fn open_subscribed(
     shared: &Shared,
     global: usize,
     topic: &str,
     rcvbuf: usize,
-) -> std::result::Result<WsConn, Fail> {
+) -> std::result::Result<Conn, Fail> {
     let spec = &shared.spec;
     let stream = conn::connect(spec.addr, global, spec.source_addrs, rcvbuf).await?;
-    let mut ws = WsConn::upgrade(stream, &shared.host, &spec.path, global as u64).await?;
-    conn::subscribe(&mut ws, &shared.scratch, topic).await?;
-    Ok(ws)
+    match spec.transport {
+        Transport::Ws => {
+            let mut ws = WsConn::upgrade(stream, &shared.host, &spec.path, global as u64).await?;
+            conn::subscribe(&mut ws, &shared.scratch, topic).await?;
+            Ok(Conn::Ws(ws))
+        }
+        Transport::Sse => Ok(Conn::Sse(SseConn::open(stream, &shared.host, topic).await?)),
+    }
 }
 
 async fn initial_conn(shared: Rc<Shared>, permits: Rc<Semaphore>, i: usize) {
@@ -369,11 +375,7 @@ fn failed(shared: &Shared, i: usize, fail: Fail) {
 }
 
 /// Reads and measures until the server ends the connection; returns how it ended.
-async fn regular_conn(
-    shared: &Shared,
-    ws: &mut WsConn,
-    i: usize,
-) -> std::result::Result<End, Fail> {
+async fn regular_conn(shared: &Shared, ws: &mut Conn, i: usize) -> std::result::Result<End, Fail> {
     let mut counts = FrameCounts::default();
     loop {
         let res = ws
@@ -427,7 +429,7 @@ fn on_event(shared: &Shared, i: usize, text: &[u8], now: u64) -> Reply {
 
 /// A slow subscriber reads nothing until the drain phase, then reads everything the
 /// server sent to learn whether (and how) the server closed it.
-async fn slow_conn(shared: &Shared, ws: &mut WsConn) -> std::result::Result<End, Fail> {
+async fn slow_conn(shared: &Shared, ws: &mut Conn) -> std::result::Result<End, Fail> {
     let mut phase = shared.phase.subscribe();
     if phase.wait_for(|p| *p >= Phase::Drain).await.is_err() {
         return Err(Fail::Stopped);

@@ -6,6 +6,11 @@
 //! per core writes that frame to its share of the sockets with non-blocking writes: no
 //! queues, no tasks, no per-subscriber protocol work. A socket that cannot take the
 //! whole frame at once is closed (there is no queue to hold the rest).
+//!
+//! It also serves `GET /v1/topics/{topic}/sse` the same way, as the floor of Server-Sent
+//! Events: the gateway's response head and `retry:` hint, then ONE pre-encoded SSE event
+//! per publication (`id:`, `event: event`, `data:` with the same JSON as the frame),
+//! written to every stream of the topic by the same threads.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -16,8 +21,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tidings_loadtest::Result;
-use tidings_loadtest::server;
 use tidings_loadtest::wire::{self, RequestHead, opcode};
+use tidings_loadtest::{server, sse};
 
 /// Threads blocked in `accept` doing upgrades; a handful keeps connection storms moving
 /// while one waits for a slow client.
@@ -29,16 +34,20 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head or publish body accepted.
 const MAX_REQUEST: usize = 1 << 20;
 
-/// One publication, encoded once, shared by every writer thread.
+/// One publication, encoded once per transport, shared by every writer thread.
 struct Publication {
     topic: u32,
     frame: Vec<u8>,
+    sse: Vec<u8>,
 }
+
+/// A subscribed socket: its topic, whether it is an SSE stream, the socket.
+type Sub = (u32, bool, TcpStream);
 
 /// A writer thread's inbox and the sockets handed to it since its last publication.
 struct Shard {
     tx: Mutex<Sender<Arc<Publication>>>,
-    incoming: Mutex<Vec<(u32, TcpStream)>>,
+    incoming: Mutex<Vec<Sub>>,
 }
 
 /// Topic name → (id, last offset).
@@ -74,7 +83,13 @@ impl Floor {
         server::event_json(&mut json, topic, offset, body, wire::now_ms());
         let mut frame = Vec::with_capacity(json.len() + 10);
         wire::encode_server_frame(&mut frame, opcode::TEXT, &json);
-        let p = Arc::new(Publication { topic: id, frame });
+        let mut sse = Vec::with_capacity(json.len() + 48);
+        sse::encode_event(&mut sse, Some(&format!("0:{offset}")), "event", &json);
+        let p = Arc::new(Publication {
+            topic: id,
+            frame,
+            sse,
+        });
         for shard in &self.shards {
             let _ = lock(&shard.tx).send(p.clone());
         }
@@ -129,17 +144,19 @@ fn run() -> Result<()> {
 
 /// One writer thread: every publication goes to each of its sockets on that topic.
 fn writer(floor: &Floor, shard: usize, rx: Receiver<Arc<Publication>>) {
-    let mut socks: Vec<(u32, TcpStream)> = Vec::new();
+    let mut socks: Vec<Sub> = Vec::new();
     for p in rx {
         socks.append(&mut lock(&floor.shards[shard].incoming));
         let mut i = 0;
         while i < socks.len() {
-            if socks[i].0 != p.topic {
+            let (topic, is_sse, sock) = &mut socks[i];
+            if *topic != p.topic {
                 i += 1;
                 continue;
             }
-            match socks[i].1.write(&p.frame) {
-                Ok(n) if n == p.frame.len() => i += 1,
+            let bytes = if *is_sse { &p.sse } else { &p.frame };
+            match sock.write(bytes) {
+                Ok(n) if n == bytes.len() => i += 1,
                 Ok(_) | Err(_) => {
                     // Partial write or would block: no queue to keep the rest in.
                     drop(socks.swap_remove(i));
@@ -188,12 +205,18 @@ fn handle(mut stream: TcpStream, floor: &Arc<Floor>) -> Result<()> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut buf = Vec::with_capacity(1024);
     let head_len = read_head(&mut stream, &mut buf)?;
-    let is_ws = {
+    let (is_ws, sse_topic) = {
         let req = RequestHead::parse(&buf[..head_len]).ok_or("bad request head")?;
-        req.method == "GET" && req.path == "/ws"
+        let get = req.method == "GET";
+        let sse_topic = sse::topic_of_path(req.path).filter(|_| get);
+        (get && req.path == "/ws", sse_topic.map(str::to_string))
     };
     if is_ws {
         upgrade(stream, buf, head_len, floor)
+    } else if let Some(topic) = sse_topic {
+        stream.write_all(sse::RESPONSE_HEAD)?;
+        stream.write_all(b"retry: 3000\n\n")?;
+        subscribed(stream, &topic, true, floor)
     } else {
         // Publishers keep their connection alive: give them their own thread.
         let floor = floor.clone();
@@ -238,7 +261,6 @@ fn upgrade(mut stream: TcpStream, mut buf: Vec<u8>, head_len: usize, floor: &Flo
             None => read_more(&mut stream, &mut buf)?,
         }
     };
-    let id = floor.topic_id(&topic);
     let mut ack = Vec::new();
     let text = format!(
         r#"{{"type":"subscribed","topics":["{topic}"],"ts":{}}}"#,
@@ -246,9 +268,15 @@ fn upgrade(mut stream: TcpStream, mut buf: Vec<u8>, head_len: usize, floor: &Flo
     );
     wire::encode_server_frame(&mut ack, opcode::TEXT, text.as_bytes());
     stream.write_all(&ack)?;
+    subscribed(stream, &topic, false, floor)
+}
+
+/// Hands a subscribed socket to the next writer thread.
+fn subscribed(stream: TcpStream, topic: &str, is_sse: bool, floor: &Floor) -> Result<()> {
+    let id = floor.topic_id(topic);
     stream.set_nonblocking(true)?;
     let shard = floor.next.fetch_add(1, Ordering::Relaxed) % floor.shards.len();
-    lock(&floor.shards[shard].incoming).push((id, stream));
+    lock(&floor.shards[shard].incoming).push((id, is_sse, stream));
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::{Shared, open_subscribed};
-use crate::conn::{FrameCounts, Reply, WsConn};
+use crate::conn::{Conn, FrameCounts, Reply};
 
 /// Opens churn connections at the spec's rate while churn is on.
 pub(super) async fn churn_driver(shared: Rc<Shared>) {
@@ -27,7 +27,8 @@ pub(super) async fn churn_driver(shared: Rc<Shared>) {
 }
 
 /// One churn connection: subscribe, stay for the hold time, then leave — cleanly with a
-/// close frame for even `k`, abruptly (TCP close, no close frame) for odd `k`.
+/// close frame for even `k`, abruptly (TCP close, no close frame) for odd `k` and for
+/// every SSE stream (which has no close frame).
 async fn churn_conn(shared: Rc<Shared>, k: usize) {
     let global = shared.spec.first + shared.spec.count + k;
     let topic = shared.spec.topic(global);
@@ -68,7 +69,7 @@ async fn churn_conn(shared: Rc<Shared>, k: usize) {
 }
 
 /// Reads (and ignores) what the server sends until it ends the connection.
-async fn read_until_end(ws: &mut WsConn, shared: &Shared, counts: &mut FrameCounts) {
+async fn read_until_end(ws: &mut Conn, shared: &Shared, counts: &mut FrameCounts) {
     loop {
         match ws
             .read_some(&shared.scratch, counts, |_, _| Reply::None)

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::conn::Transport;
 use crate::offsets::{Ranges, Tally};
 
 /// What one worker process is asked to do (first line of its stdin).
@@ -41,6 +42,9 @@ pub struct WorkerSpec {
     /// accepted offsets at the end (the `flood` check).
     #[serde(default)]
     pub track_offsets: bool,
+    /// How subscribers connect and subscribe.
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 impl WorkerSpec {
@@ -163,6 +167,7 @@ mod tests {
             churn_hold_ms: 0,
             timeout_ms: 0,
             track_offsets: false,
+            transport: Transport::Ws,
         }
     }
 
