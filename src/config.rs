@@ -177,6 +177,12 @@ pub struct Config {
     /// requests at 30–60 s.
     #[serde(with = "humantime_serde")]
     pub max_poll_wait: Duration,
+    /// Most long-polls waiting at once; past it a long-poll answers at once, as a plain
+    /// poll. Each waiting poll holds an HTTP connection, which counts under
+    /// `max_handshakes` like any HTTP connection, and costs about 40 KiB (hyper's
+    /// connection task and buffers; see docs/BENCHMARKS.md): keep it well below
+    /// `max_handshakes`, so waiting polls never take every place new connections need.
+    pub max_poll_waiters: usize,
     /// Authentication and authorization (`[auth]`; `TIDINGS_AUTH_<KEY>` in the
     /// environment). The default authenticates no one and lets everyone do everything,
     /// which [`Config::load`] accepts only on a loopback `listen` address.
@@ -227,6 +233,7 @@ impl Default for Config {
             forwarded_header: "x-forwarded-for".to_string(),
             sse_retry: Duration::from_secs(3),
             max_poll_wait: Duration::from_secs(30),
+            max_poll_waiters: 512,
             auth: AuthConfig::default(),
         }
     }
@@ -329,6 +336,8 @@ setters! {
     sse_retry: Duration,
     /// Sets [`Config::max_poll_wait`].
     max_poll_wait: Duration,
+    /// Sets [`Config::max_poll_waiters`].
+    max_poll_waiters: usize,
     /// Sets [`Config::auth`].
     auth: AuthConfig,
 }

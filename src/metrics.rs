@@ -89,6 +89,7 @@ pub struct Metrics {
     history_bytes: Gauge,
     state_bytes: Gauge,
     queued_publish_bytes: Gauge,
+    poll_waiters: Gauge,
 }
 
 impl Default for Metrics {
@@ -104,6 +105,12 @@ impl Default for Metrics {
         let history_bytes = Gauge::default();
         let state_bytes = Gauge::default();
         let queued_publish_bytes = Gauge::default();
+        let poll_waiters = Gauge::default();
+        registry.register(
+            "long_polls_waiting",
+            "Long-polls waiting for a publication now (bounded by max_poll_waiters)",
+            poll_waiters.clone(),
+        );
         registry.register(
             "publications_refused",
             "Publications refused with 503 overloaded: the publish queues were full",
@@ -126,12 +133,12 @@ impl Default for Metrics {
         );
         registry.register(
             "connections",
-            "WebSocket connections open now",
+            "WebSocket connections and SSE streams open now",
             connections.clone(),
         );
         registry.register(
             "connections_opened",
-            "WebSocket connections accepted",
+            "WebSocket connections and SSE streams accepted",
             opened.clone(),
         );
         registry.register(
@@ -167,6 +174,7 @@ impl Default for Metrics {
             history_bytes,
             state_bytes,
             queued_publish_bytes,
+            poll_waiters,
         }
     }
 }
@@ -199,6 +207,10 @@ impl Metrics {
         self.history_bytes.set(history as i64);
         self.state_bytes.set(state as i64);
         self.queued_publish_bytes.set(queued as i64);
+    }
+
+    pub(crate) fn set_poll_waiters(&self, n: usize) {
+        self.poll_waiters.set(n as i64);
     }
 
     pub(crate) fn topic_created(&self) {
@@ -241,6 +253,7 @@ impl Metrics {
             history_bytes: self.history_bytes.get().max(0) as u64,
             state_bytes: self.state_bytes.get().max(0) as u64,
             publish_queue_bytes: self.queued_publish_bytes.get().max(0) as u64,
+            long_polls_waiting: self.poll_waiters.get().max(0) as u64,
         }
     }
 
@@ -491,6 +504,8 @@ pub struct Stats {
     pub state_bytes: u64,
     /// Bytes of publications waiting for the shards now.
     pub publish_queue_bytes: u64,
+    /// Long-polls waiting for a publication now.
+    pub long_polls_waiting: u64,
 }
 
 /// Ended connections by reason.

@@ -467,3 +467,25 @@ async fn a_multi_topic_stream_sees_a_topic_close() {
     assert_eq!(message["type"], "closed", "{message}");
     assert_eq!(message["version"], closed.json()["version"]);
 }
+
+#[tokio::test]
+async fn past_max_poll_waiters_a_long_poll_answers_at_once() {
+    let gw = TestGateway::start(tidings::Config::default().max_poll_waiters(1)).await;
+    let addr = gw.addr;
+    let first =
+        tokio::spawn(async move { http_get(addr, "/v1/topics/w1/events?since=0&wait=30").await });
+    gw.stats_until("one waiting long-poll", |s| s.long_polls_waiting == 1)
+        .await;
+    // The one place is taken: this one answers now, empty, instead of waiting.
+    let second = within(
+        "a poll past the cap",
+        http_get(gw.addr, "/v1/topics/w2/events?since=0&wait=30"),
+    )
+    .await;
+    assert_eq!(second.json()["events"], json!([]));
+    publish_ok(gw.addr, "w1", b"{}").await;
+    let first = within("the waiting poll", first).await.expect("join");
+    assert_eq!(first.json()["events"][0]["offset"], 1);
+    gw.stats_until("no waiting long-poll", |s| s.long_polls_waiting == 0)
+        .await;
+}

@@ -149,6 +149,8 @@ impl SubscribeError {
 #[derive(Debug)]
 pub(crate) struct Hub {
     shared: Arc<Shared>,
+    /// Long-polls waiting now (`max_poll_waiters`).
+    poll_waiters: AtomicUsize,
     shards: Vec<ShardHandle>,
     next_shard: AtomicUsize,
 }
@@ -201,6 +203,7 @@ impl Hub {
         }
         Ok(Hub {
             shared,
+            poll_waiters: AtomicUsize::new(0),
             shards,
             next_shard: AtomicUsize::new(0),
         })
@@ -224,6 +227,9 @@ impl Hub {
             shared.topics.state_bytes(),
             shared.backlog.bytes(),
         );
+        shared
+            .metrics
+            .set_poll_waiters(self.poll_waiters.load(Ordering::SeqCst));
         &shared.metrics
     }
 
@@ -450,10 +456,20 @@ impl Hub {
         wait: std::time::Duration,
     ) -> Result<Vec<u8>, PollError> {
         let deadline = tokio::time::Instant::now() + wait;
+        let max = self.shared.config.max_poll_waiters;
+        let mut place: Option<Waiter<'_>> = None;
         loop {
             let (body, news) = self.poll_page(topic, since, limit)?;
             if news || wait.is_zero() {
                 return Ok(body);
+            }
+            if place.is_none() {
+                // Past `max_poll_waiters` the poll answers now: a client polls again, and
+                // the HTTP places stay free for new connections.
+                let Some(taken) = Waiter::enter(&self.poll_waiters, max) else {
+                    return Ok(body);
+                };
+                place = Some(taken);
             }
             let Some(current) = self.shared.topics.get(topic) else {
                 return Ok(body);
@@ -661,6 +677,26 @@ impl From<StateError> for PublishError {
 fn wake_pollers(topic: &Topic) {
     if topic.pollers.load(Ordering::SeqCst) > 0 {
         topic.changed.notify_waiters();
+    }
+}
+
+/// A long-poll's place under `max_poll_waiters`, given back when dropped.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl<'a> Waiter<'a> {
+    fn enter(count: &'a AtomicUsize, max: usize) -> Option<Waiter<'a>> {
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Waiter(count))
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
