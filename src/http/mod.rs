@@ -338,29 +338,28 @@ async fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<
         }
     }
     let polled = if wait.is_zero() {
-        hub.poll(topic, &since, limit)
+        hub.poll(topic, &since, limit).map(|body| (body, false))
     } else {
         // Shutdown answers a waiting poller at once with what there is.
         let stop = context::BodyDeadline::of(req).stop;
         tokio::select! {
             polled = hub.poll_wait(topic, &since, limit, wait) => polled,
-            () = stop.cancelled() => hub.poll(topic, &since, limit),
+            () = stop.cancelled() => hub.poll(topic, &since, limit).map(|body| (body, false)),
         }
     };
     match polled {
-        Ok(body) => {
+        // Too many polls wait already: this one answers now and closes its connection, so
+        // it does not hold an HTTP place while its client comes back.
+        Ok((body, true)) => {
+            let etag = poll_etag(&body);
+            context::closing(poll_page_response(body, etag))
+        }
+        Ok((body, false)) => {
             let etag = poll_etag(&body);
             if is_not_modified(req, &etag) {
                 return not_modified(etag);
             }
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            headers.insert(header::ETAG, etag);
-            response
+            poll_page_response(body, etag)
         }
         Err(PollError::InvalidTopic(e)) => {
             error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string())
@@ -383,6 +382,18 @@ async fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<
             TOO_MANY_TOPICS_RETRY_AFTER,
         ),
     }
+}
+
+/// A poll page as a `200` with its `ETag`.
+fn poll_page_response(body: Vec<u8>, etag: HeaderValue) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::ETAG, etag);
+    response
 }
 
 /// The strong `ETag` of a poll page: a digest of its body.

@@ -447,32 +447,33 @@ impl Hub {
     }
 
     /// The long-poll: as [`Hub::poll`], but when there is nothing after `since` yet (and
-    /// the topic is open), waits up to `wait` for a publication first.
+    /// the topic is open), waits up to `wait` for a publication first. The flag says the
+    /// poll did not wait because `max_poll_waiters` were waiting already.
     pub async fn poll_wait(
         &self,
         topic: &str,
         since: &str,
         limit: usize,
         wait: std::time::Duration,
-    ) -> Result<Vec<u8>, PollError> {
+    ) -> Result<(Vec<u8>, bool), PollError> {
         let deadline = tokio::time::Instant::now() + wait;
         let max = self.shared.config.max_poll_waiters;
         let mut place: Option<Waiter<'_>> = None;
         loop {
             let (body, news) = self.poll_page(topic, since, limit)?;
             if news || wait.is_zero() {
-                return Ok(body);
+                return Ok((body, false));
             }
             if place.is_none() {
                 // Past `max_poll_waiters` the poll answers now: a client polls again, and
                 // the HTTP places stay free for new connections.
                 let Some(taken) = Waiter::enter(&self.poll_waiters, max) else {
-                    return Ok(body);
+                    return Ok((body, true));
                 };
                 place = Some(taken);
             }
             let Some(current) = self.shared.topics.get(topic) else {
-                return Ok(body);
+                return Ok((body, false));
             };
             let _waiting = Poller::enter(&current);
             let notified = current.changed.notified();
@@ -481,10 +482,10 @@ impl Hub {
             notified.as_mut().enable();
             let (body, news) = self.poll_page(topic, since, limit)?;
             if news {
-                return Ok(body);
+                return Ok((body, false));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(body);
+                return Ok((body, false));
             }
         }
     }
