@@ -483,7 +483,11 @@ async fn past_max_poll_waiters_a_long_poll_answers_at_once() {
     )
     .await;
     assert_eq!(second.json()["events"], json!([]));
-    assert_eq!(second.header("connection"), Some("close"), "it frees its place");
+    assert_eq!(
+        second.header("connection"),
+        Some("close"),
+        "it frees its place"
+    );
     publish_ok(gw.addr, "w1", b"{}").await;
     let first = within("the waiting poll", first).await.expect("join");
     assert_eq!(first.json()["events"][0]["offset"], 1);

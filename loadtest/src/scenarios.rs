@@ -59,6 +59,25 @@ pub fn row(scenario: Scenario, label: &str, plan: &Plan, d: &RunData, tolerance_
                 .zip(d.connected)
                 .and_then(|(b, c)| per_conn(delta(b.rss, c.rss), p.subscribed));
             r.opt("bytes_per_conn", "bytes/conn", growth);
+            // Server CPU from before the first connect to the connected sample: the
+            // handshakes (upgrade, authentication, subscribe), plus the settle time's idle
+            // ticks.
+            let connect_cpu = d
+                .before
+                .zip(d.connected)
+                .map(|(b, c)| (c.user_s + c.sys_s) - (b.user_s + b.sys_s));
+            r.opt(
+                "server_connect_cpu_s",
+                "server cpu s",
+                connect_cpu.map(|c| round(c, 2)),
+            );
+            r.opt(
+                "server_us_per_connect",
+                "server µs/connect",
+                connect_cpu
+                    .filter(|_| p.subscribed > 0)
+                    .map(|c| round(c * 1e6 / p.subscribed as f64, 1)),
+            );
             r.opt(
                 "rss_after_close_mib",
                 "rss after close MiB",
