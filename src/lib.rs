@@ -1,17 +1,22 @@
 //! tidings: a real-time update gateway.
 //!
-//! Backends publish JSON to topics; tidings fans each publication out to every WebSocket
-//! subscriber of the topic (or of a matching pattern), encoding it once and sharing the
-//! encoded frame among all of them.
+//! Backends publish JSON to topics; tidings fans each publication out to every subscriber
+//! of the topic (or of a matching pattern), over WebSocket, Server-Sent Events or
+//! (long-)polling, encoding it once per transport and sharing the encoded bytes among all
+//! of them.
 //!
-//! Layout, with dependencies pointing one way (`proto` ← `topic` ← `hub` ← `net`/`http`):
-//! - [`proto`]: sans-IO RFC 6455 handshake validation, frames, close codes, JSON messages;
-//! - [`topic`]: topic names and patterns;
-//! - [`hub`]: topics, publication, and the shards: one thread each with its own event loop,
-//!   owning a slab of connections and their subscription index;
-//! - [`heartbeat`]: the one timer wheel behind every connection's ping/pong deadline;
-//! - `net`: the accept loop, hyper connections, and the upgrade hand-off to a shard;
-//! - `http`: the HTTP endpoints (publish, health, stats, metrics);
+//! Layout, with dependencies pointing one way
+//! (`heartbeat` ← `proto` ← `topic` ← `hub` ← `http` ← `net`):
+//! - [`proto`]: sans-IO RFC 6455 handshake validation, frames, the WebSocket session, SSE
+//!   encoding, close codes, JSON messages;
+//! - [`topic`]: topic names and patterns, versions, history, state documents, filters, the
+//!   subscription index;
+//! - `hub`: topics, publication, and the shards: one thread each with its own event loop,
+//!   owning a slab of peers (WebSocket connections and SSE streams);
+//! - [`heartbeat`]: the one timer wheel behind every peer's heartbeat and deadlines;
+//! - `http`: the HTTP endpoints (publish, poll and long-poll, state, the WebSocket upgrade,
+//!   SSE requests, health, stats, metrics);
+//! - `net`: the accept loop, hyper connections, and handing sockets to the shards;
 //! - `auth`: tokens, API keys, grants and the origin policy ([`AuthConfig`]);
 //! - [`Config`], [`Gateway`]: what an embedder or the `tidings` binary uses.
 //!
