@@ -329,7 +329,7 @@ impl Peer {
             return;
         };
         if !keep_queue {
-            self.outbox.drop_unstarted();
+            self.drop_queued();
         }
         self.outbox.enqueue(last);
         self.reason = why;
@@ -339,6 +339,12 @@ impl Peer {
     /// documents gets fresh snapshots instead of its backlog.
     pub fn drop_queued(&mut self) {
         self.outbox.drop_unstarted();
+        if matches!(self.transport, Transport::Sse(_)) && self.has_queued() {
+            // The frame kept may be an event's lines without the blank line its cursor
+            // would have brought: end it here, so the next event does not run into it (an
+            // empty line after a complete event dispatches nothing).
+            self.outbox.enqueue(Bytes::from_static(b"\n"));
+        }
     }
 
     /// Closes with 1013 because the shard's inbound buffers are over their budget.
