@@ -568,3 +568,19 @@ async fn a_slow_multi_topic_state_stream_gets_fresh_snapshots_that_parse() {
         "the backlog was replaced by fresh snapshots"
     );
 }
+
+#[tokio::test]
+async fn a_stream_whose_client_sends_bytes_is_ended() {
+    let gw = TestGateway::start_default().await;
+    let stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let mut sse = SseClient::open_on_stream(stream, gw.addr, "/v1/topics/t/sse").await;
+    sse.send_raw(b"GET /healthz HTTP/1.1\r\n\r\n").await;
+    let close = sse.until_close().await;
+    assert_eq!(close["code"], 1008, "{close}");
+    gw.stats_until("the end to count", |s| {
+        s.connections_closed.protocol_error == 1
+    })
+    .await;
+}

@@ -541,7 +541,15 @@ impl Shard {
             return;
         };
         let Transport::WebSocket(session) = peer.transport_mut() else {
-            // An SSE client has nothing to say after its request: ignored.
+            // An SSE client has nothing to say after its request (HTTP/1.1 pipelining
+            // behind a stream that never ends is no request either): end the stream rather
+            // than keep reading what it sends.
+            peer.close(
+                CloseCode::Policy,
+                "an SSE client sends nothing after its request",
+                CloseReason::ProtocolError,
+                false,
+            );
             return;
         };
         let max_message = session.max_message(max_message);

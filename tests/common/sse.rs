@@ -71,6 +71,19 @@ impl SseClient {
         client
     }
 
+    /// Opens `path` on a stream the caller connected, and waits until it is live.
+    pub async fn open_on_stream(stream: TcpStream, addr: SocketAddr, path: &str) -> SseClient {
+        let mut client = SseClient::open_on(stream, addr, path, &[]).await;
+        assert_eq!(client.head.status, 200, "{:?}", client.head);
+        client.live().await;
+        client
+    }
+
+    /// Writes `bytes` to the server, which an SSE server does not expect.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
     async fn open_on(
         mut stream: TcpStream,
         addr: SocketAddr,
