@@ -47,7 +47,40 @@ async fn an_upgrade_needs_a_valid_token_before_the_101() {
     late.path = format!("/ws?token={expired}");
     let (refused, _, _) = late.send(gw.addr).await;
     refused.assert_error(401, "token_expired");
-    assert_eq!(gw.gw.stats().connections, 0, "a refusal holds no place");
+    // Each bad token is refused before the upgrade, with its code.
+    let now = unix_now();
+    let good = json!({"sub": "u1", "exp": now + 3600, "topics": ["t"]});
+    let valid = hs256(&good);
+    let mut tampered: Vec<&str> = valid.split('.').collect();
+    let other = hs256(&json!({"sub": "root", "exp": now + 3600, "topics": ["**"]}));
+    let forged = other.split('.').nth(1).expect("payload").to_string();
+    tampered[1] = &forged;
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let none = format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(good.to_string())
+    );
+    let early = hs256(&json!({"sub": "u1", "exp": now + 3600, "nbf": now + 600}));
+    for (token, code) in [
+        (tampered.join("."), "invalid_token"),
+        (none, "invalid_token"),
+        (early, "token_not_yet_valid"),
+    ] {
+        let mut request = UpgradeRequest::new(gw.addr);
+        request.path = format!("/ws?token={token}");
+        let (refused, _, _) = request.send(gw.addr).await;
+        refused.assert_error(401, code);
+    }
+    // The `Authorization` header works as well (for clients that can set it).
+    let (accepted, _, _) = UpgradeRequest::new(gw.addr)
+        .set("Authorization", &format!("Bearer {valid}"))
+        .send(gw.addr)
+        .await;
+    assert_eq!(accepted.status, 101, "{accepted:?}");
+    gw.stats_until("the one accepted connection", |s| s.connections_opened == 1)
+        .await;
 }
 
 #[tokio::test]
