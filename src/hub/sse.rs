@@ -360,6 +360,21 @@ mod tests {
         assert_eq!(single.since, vec![("a".to_string(), v(9))]);
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends as `Last-Event-ID`, parsing it never panics, and what
+        /// it accepts names only valid topics (of the stream, by index, or by name).
+        #[test]
+        fn any_last_event_id_parses_or_is_refused(id in "(c1)?(;[#a-z0-9:=.]{0,24}){0,6}|.{0,64}") {
+            let topics = vec!["a".to_string(), "b:c".to_string()];
+            if let Ok(resume) = parse_last_event_id(&id, &topics, false) {
+                for (topic, _) in resume.since {
+                    proptest::prop_assert!(validate_topic(&topic).is_ok());
+                }
+            }
+            let _ = parse_last_event_id(&id, &topics, true);
+        }
+    }
+
     #[test]
     fn a_multi_topic_stream_skips_what_it_delivered() {
         let frame = crate::proto::versioned::encode_versioned_event(
