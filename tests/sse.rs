@@ -584,3 +584,31 @@ async fn a_stream_whose_client_sends_bytes_is_ended() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_stalled_or_oversized_sse_head_is_refused() {
+    use tokio::io::AsyncWriteExt;
+    let config = tidings::Config::default().handshake_timeout(Duration::from_millis(300));
+    let gw = TestGateway::start(config).await;
+    // The request line arrives (so it is read as SSE), the rest never does.
+    let mut stalled = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"GET /v1/topics/t/sse HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    read_response(&mut stalled, &mut buf)
+        .await
+        .assert_error(408, "request_timeout");
+    // A head past 16 KiB.
+    let big = format!(
+        "GET /v1/topics/t/sse HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(20 * 1024)
+    );
+    raw_http(gw.addr, big.as_bytes())
+        .await
+        .assert_error(431, "head_too_large");
+    gw.assert_alive().await;
+}

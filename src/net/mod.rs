@@ -345,7 +345,12 @@ async fn first_request_is_sse(stream: &TcpStream, timeout: Duration) -> Option<b
 /// hands the socket to a shard; or writes the refusal and closes.
 async fn serve_sse(hub: &Arc<Hub>, mut stream: TcpStream, ctx: &RequestContext) {
     let timeout = hub.config().handshake_timeout;
-    let head = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+    let read = tokio::select! {
+        read = tokio::time::timeout(timeout, read_head(&mut stream)) => read,
+        // Shutdown does not wait for a head that may never come.
+        () = ctx.stop.cancelled() => return,
+    };
+    let head = match read {
         Ok(Ok(head)) => head,
         Ok(Err(response)) => return write_refusal(stream, *response).await,
         Err(_) => return write_refusal(stream, request_timeout_response()).await,
@@ -453,4 +458,22 @@ async fn write_refusal(mut stream: TcpStream, response: Response<Full<Bytes>>) {
     let bytes = sse::serialize(Response::from_parts(parts, Full::new(Bytes::new())), &body);
     let _ = stream.write_all(&bytes).await;
     let _ = stream.shutdown().await;
+    // Closing with unread bytes makes the kernel send a reset, which can destroy the
+    // refusal before the client reads it: read (and drop) what it still sends, bounded.
+    let _ = tokio::time::timeout(REFUSAL_DRAIN_TIME, async {
+        let mut chunk = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN_BYTES {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
+
+/// Most bytes read from a client after an SSE refusal, and for how long: a request head
+/// that was too large (16 KiB) and what followed it fit.
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+const REFUSAL_DRAIN_TIME: Duration = Duration::from_secs(1);
