@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::topics::Publication;
 use crate::proto::CloseCode;
-use crate::proto::session::{Due, Phase, Timing};
+use crate::proto::session::{CloseDeadline, Due, Phase, Timing};
 use crate::proto::sse;
 use crate::topic::{Version, validate_topic};
 
@@ -166,8 +166,8 @@ pub struct SseStream {
     phase: Phase,
     /// `None` for a single-topic stream, whose ids are the shared versions.
     cursor: Option<Cursor>,
-    /// Tick after which an ending stream whose last bytes never drained is cut off.
-    close_deadline: Option<u64>,
+    /// When an ending stream whose last bytes never drain is cut off.
+    close_deadline: CloseDeadline,
 }
 
 impl SseStream {
@@ -176,7 +176,7 @@ impl SseStream {
         SseStream {
             phase: Phase::Open,
             cursor: None,
-            close_deadline: None,
+            close_deadline: CloseDeadline::default(),
         }
     }
 
@@ -189,7 +189,7 @@ impl SseStream {
                 positions: Vec::new(),
                 base_ms,
             }),
-            close_deadline: None,
+            close_deadline: CloseDeadline::default(),
         }
     }
 
@@ -215,24 +215,18 @@ impl SseStream {
     /// Arms the close deadline once the stream is ending; returns the tick to be woken at,
     /// the first time only.
     pub fn arm_close_deadline(&mut self, now: u64, timing: &Timing) -> Option<u64> {
-        if self.close_deadline.is_some() || self.phase != Phase::Closing {
+        if self.phase != Phase::Closing {
             return None;
         }
-        let deadline = now + u64::from(timing.close);
-        self.close_deadline = Some(deadline);
-        Some(deadline)
+        self.close_deadline.arm(now, timing)
     }
 
     /// A timer came due: a heartbeat comment every `ping_interval` (a client cannot answer,
     /// so a dead one is found when writes fail or its queue overflows), or the close
     /// deadline.
     pub fn handle_timeout(&mut self, now: u64, timing: &Timing) -> Due {
-        if let Some(deadline) = self.close_deadline {
-            return if now >= deadline {
-                Due::CloseTimeout
-            } else {
-                Due::At(deadline)
-            };
+        if let Some(due) = self.close_deadline.check(now) {
+            return due;
         }
         if timing.interval == 0 || !self.phase.is_open() {
             return Due::Never;

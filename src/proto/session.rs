@@ -108,6 +108,35 @@ pub enum Due {
     Never,
 }
 
+/// The tick after which a closing connection is cut off, whatever its transport: armed
+/// once, when the close starts. 8 bytes (ticks start at 1, so zero means "not armed").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CloseDeadline(Option<NonZeroU64>);
+
+impl CloseDeadline {
+    /// Arms it at `now` plus the close timeout, the first time only: returns the tick to
+    /// be woken at then, and `None` after.
+    pub fn arm(&mut self, now: u64, timing: &Timing) -> Option<u64> {
+        if self.0.is_some() {
+            return None;
+        }
+        let at = NonZeroU64::new(now + u64::from(timing.close)).unwrap_or(NonZeroU64::MIN);
+        self.0 = Some(at);
+        Some(at.get())
+    }
+
+    /// What a timer due at `now` means, when armed: the end, or another look at the
+    /// deadline.
+    pub fn check(self, now: u64) -> Option<Due> {
+        let at = self.0?.get();
+        Some(if now >= at {
+            Due::CloseTimeout
+        } else {
+            Due::At(at)
+        })
+    }
+}
+
 /// One WebSocket session's protocol state.
 #[derive(Debug)]
 pub struct Session {
@@ -120,9 +149,8 @@ pub struct Session {
     beat: Beat,
     /// Tick of the last inbound bytes.
     last_seen: u64,
-    /// Tick after which a closing session is cut off (ticks start at 1 past the wheel's
-    /// origin, so zero is free to mean "none" and the field stays 8 bytes).
-    close_deadline: Option<NonZeroU64>,
+    /// When a closing session is cut off.
+    close_deadline: CloseDeadline,
 }
 
 impl Session {
@@ -135,7 +163,7 @@ impl Session {
             fragments: None,
             beat: Beat::Idle,
             last_seen: now,
-            close_deadline: None,
+            close_deadline: CloseDeadline::default(),
         }
     }
 
@@ -357,22 +385,16 @@ impl Session {
     /// Arms the close deadline once a close is under way; returns the tick to be woken at,
     /// the first time only.
     pub fn arm_close_deadline(&mut self, now: u64, timing: &Timing) -> Option<u64> {
-        if self.close_deadline.is_some() || matches!(self.phase, Phase::Open | Phase::Broken) {
+        if matches!(self.phase, Phase::Open | Phase::Broken) {
             return None;
         }
-        let deadline = NonZeroU64::new(now + u64::from(timing.close)).unwrap_or(NonZeroU64::MIN);
-        self.close_deadline = Some(deadline);
-        Some(deadline.get())
+        self.close_deadline.arm(now, timing)
     }
 
     /// A timer of this session came due at tick `now`.
     pub fn handle_timeout(&mut self, now: u64, timing: &Timing, out: &mut Vec<Output>) -> Due {
-        if let Some(deadline) = self.close_deadline.map(NonZeroU64::get) {
-            return if now >= deadline {
-                Due::CloseTimeout
-            } else {
-                Due::At(deadline)
-            };
+        if let Some(due) = self.close_deadline.check(now) {
+            return due;
         }
         if timing.interval == 0 || !self.phase.is_open() {
             return Due::Never;
