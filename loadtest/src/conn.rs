@@ -114,6 +114,40 @@ pub struct FrameCounts {
 
 /// A client WebSocket connection.
 ///
+/// One read of a ready socket into `scratch`, after the bytes `pending` from the last read
+/// (copied to its front), with room for at least `want` bytes in all. `Ok(Ok(n))`: the
+/// data is `scratch[..pending.len() + n]`. `Ok(Err(None))`: nothing to read now.
+/// `Ok(Err(Some(end)))`: the server ended the stream.
+fn read_after(
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, std::net::TcpStream>,
+    pending: &[u8],
+    scratch: &mut Vec<u8>,
+    want: usize,
+) -> Result<Result<usize, Option<End>>, Fail> {
+    let held = pending.len();
+    if scratch.len() < want {
+        scratch.resize(want, 0);
+    }
+    scratch[..held].copy_from_slice(pending);
+    let space = scratch.len() - held;
+    let n = match guard.get_inner().read(&mut scratch[held..]) {
+        Ok(0) if held > 0 => return Ok(Err(Some(End::EofMidFrame))),
+        Ok(0) => return Ok(Err(Some(End::Eof))),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            guard.clear_ready();
+            return Ok(Err(None));
+        }
+        Err(e) => return Err(Fail::Io(e)),
+    };
+    if n < space {
+        // The socket is drained. Readiness is edge-triggered and tracked by tick, so data
+        // arriving after this read still wakes the next `readable()`.
+        guard.clear_ready();
+    }
+    Ok(Ok(n))
+}
+
 /// The socket is an `AsyncFd` rather than a tokio `TcpStream` so that a read that did
 /// not fill the buffer can clear readiness itself: a `TcpStream` only clears it on
 /// `WouldBlock`, which costs a second `recv` per delivery.
@@ -322,26 +356,10 @@ impl WsConn {
             let mut scratch = scratch.borrow_mut();
             let held = self.pending.len();
             let want = wire::frame_len_hint(&self.pending).unwrap_or(0).max(held) + READ_CHUNK;
-            if scratch.len() < want {
-                scratch.resize(want, 0);
-            }
-            scratch[..held].copy_from_slice(&self.pending);
-            let space = scratch.len() - held;
-            let n = match guard.get_inner().read(&mut scratch[held..]) {
-                Ok(0) if held > 0 => return Ok(Some(End::EofMidFrame)),
-                Ok(0) => return Ok(Some(End::Eof)),
+            let n = match read_after(&mut guard, &self.pending, &mut scratch, want)? {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    guard.clear_ready();
-                    return Ok(None);
-                }
-                Err(e) => return Err(Fail::Io(e)),
+                Err(stop) => return Ok(stop),
             };
-            if n < space {
-                // The socket is drained. Readiness is edge-triggered and tracked by tick,
-                // so data arriving after this read still wakes the next `readable()`.
-                guard.clear_ready();
-            }
             let now = wire::now_ns();
             let data = &scratch[..held + n];
             let mut pos = 0;
@@ -468,26 +486,10 @@ impl SseConn {
         let mut guard = self.fd.readable().await?;
         let mut scratch = scratch.borrow_mut();
         let held = self.pending.len();
-        let want = held + READ_CHUNK;
-        if scratch.len() < want {
-            scratch.resize(want, 0);
-        }
-        scratch[..held].copy_from_slice(&self.pending);
-        let space = scratch.len() - held;
-        let n = match guard.get_inner().read(&mut scratch[held..]) {
-            Ok(0) if held > 0 => return Ok(Some(End::EofMidFrame)),
-            Ok(0) => return Ok(Some(End::Eof)),
+        let n = match read_after(&mut guard, &self.pending, &mut scratch, held + READ_CHUNK)? {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                guard.clear_ready();
-                return Ok(None);
-            }
-            Err(e) => return Err(Fail::Io(e)),
+            Err(stop) => return Ok(stop),
         };
-        if n < space {
-            // Drained; see `WsConn::read_some`.
-            guard.clear_ready();
-        }
         let now = wire::now_ns();
         let data = &scratch[..held + n];
         let mut pos = 0;
