@@ -56,31 +56,33 @@ def table(title, rows, columns, floor_ratio=()):
         print(f"| {target} | " + " | ".join(cells) + " |")
 
 
+IDLE_COLUMNS = [
+    ("bytes_per_conn", "bytes per connection"),
+    ("connect_s", "connect s"),
+    ("rss_before_mib", "RSS before MiB"),
+    ("rss_connected_mib", "RSS connected MiB"),
+]
+FANOUT_COLUMNS = [
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("p999_ms", "p99.9 ms"),
+    ("lost", "lost"),
+    ("duplicates", "dup"),
+    ("user_us_per_delivery", "user µs/delivery"),
+    ("total_us_per_delivery", "total µs/delivery"),
+]
+
 for n in (1000, 10000):
     runs = load(f"idle-{n}-*.json")
     if runs:
-        rows = median_rows(runs, ["bytes_per_conn", "connect_s", "rss_before_mib", "rss_connected_mib"])
-        table(f"Idle: {n:,} connections (median of {len(runs)})", rows, [
-            ("bytes_per_conn", "bytes per connection"),
-            ("connect_s", "connect s"),
-            ("rss_before_mib", "RSS before MiB"),
-            ("rss_connected_mib", "RSS connected MiB"),
-        ])
+        rows = median_rows(runs, [key for key, _ in IDLE_COLUMNS])
+        table(f"Idle: {n:,} connections (median of {len(runs)})", rows, IDLE_COLUMNS)
 
 for n in (1000, 10000):
     runs = load(f"fanout-{n}-*.json")
     if runs:
-        keys = ["p50_ms", "p99_ms", "p999_ms", "lost", "duplicates", "user_us_per_delivery", "total_us_per_delivery"]
-        rows = median_rows(runs, keys)
-        table(f"Fan-out: {n:,} subscribers, 10 publications/s, 256 B (median of {len(runs)})", rows, [
-            ("p50_ms", "p50 ms"),
-            ("p99_ms", "p99 ms"),
-            ("p999_ms", "p99.9 ms"),
-            ("lost", "lost"),
-            ("duplicates", "dup"),
-            ("user_us_per_delivery", "user µs/delivery"),
-            ("total_us_per_delivery", "total µs/delivery"),
-        ], floor_ratio=("p99_ms", "total_us_per_delivery"))
+        rows = median_rows(runs, [key for key, _ in FANOUT_COLUMNS])
+        table(f"Fan-out: {n:,} subscribers, 10 publications/s, 256 B (median of {len(runs)})", rows, FANOUT_COLUMNS, floor_ratio=("p99_ms", "total_us_per_delivery"))
 
 SSE_ORDER = ["tidings", "tidings (sse)", "tidings-floor", "tidings-floor (sse)"]
 
@@ -116,28 +118,14 @@ def sse_table(title, rows, columns, ratio_keys):
 
 runs = load("sse-idle-10000-*.json")
 if runs:
-    rows = median_rows(runs, ["bytes_per_conn", "connect_s", "rss_before_mib", "rss_connected_mib"])
-    sse_table(f"Idle, WebSocket and SSE: 10,000 connections (median of {len(runs)})", rows, [
-        ("bytes_per_conn", "bytes per connection"),
-        ("connect_s", "connect s"),
-        ("rss_before_mib", "RSS before MiB"),
-        ("rss_connected_mib", "RSS connected MiB"),
-    ], ())
+    rows = median_rows(runs, [key for key, _ in IDLE_COLUMNS])
+    sse_table(f"Idle, WebSocket and SSE: 10,000 connections (median of {len(runs)})", rows, IDLE_COLUMNS, ())
 
 for n in (1000, 10000):
     runs = load(f"sse-fanout-{n}-*.json")
     if runs:
-        keys = ["p50_ms", "p99_ms", "p999_ms", "lost", "duplicates", "user_us_per_delivery", "total_us_per_delivery"]
-        rows = median_rows(runs, keys)
-        sse_table(f"Fan-out, WebSocket and SSE: {n:,} subscribers, 10 publications/s, 256 B (median of {len(runs)})", rows, [
-            ("p50_ms", "p50 ms"),
-            ("p99_ms", "p99 ms"),
-            ("p999_ms", "p99.9 ms"),
-            ("lost", "lost"),
-            ("duplicates", "dup"),
-            ("user_us_per_delivery", "user µs/delivery"),
-            ("total_us_per_delivery", "total µs/delivery"),
-        ], ("p99_ms", "total_us_per_delivery"))
+        rows = median_rows(runs, [key for key, _ in FANOUT_COLUMNS])
+        sse_table(f"Fan-out, WebSocket and SSE: {n:,} subscribers, 10 publications/s, 256 B (median of {len(runs)})", rows, FANOUT_COLUMNS, ("p99_ms", "total_us_per_delivery"))
 
 polls = []
 for path in sorted(glob.glob(os.path.join(out, "longpoll-*.json"))):
