@@ -443,7 +443,8 @@ impl Hub {
     /// be the topic's), at most `limit` and about `max_poll_bytes`, as the JSON body of
     /// `GET .../events`.
     pub fn poll(&self, topic: &str, since: &str, limit: usize) -> Result<Vec<u8>, PollError> {
-        self.poll_page(topic, since, limit).map(|(body, _)| body)
+        let topic = self.poll_topic(topic)?;
+        self.poll_page(&topic, since, limit).map(|(body, _)| body)
     }
 
     /// The long-poll: as [`Hub::poll`], but when there is nothing after `since` yet (and
@@ -460,7 +461,13 @@ impl Hub {
         let max = self.shared.config.max_poll_waiters;
         let mut place: Option<Waiter<'_>> = None;
         loop {
-            let (body, news) = self.poll_page(topic, since, limit)?;
+            let current = self.poll_topic(topic)?;
+            let _waiting = Poller::enter(&current);
+            let notified = current.changed.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a publication in between is not missed.
+            notified.as_mut().enable();
+            let (body, news) = self.poll_page(&current, since, limit)?;
             if news || wait.is_zero() {
                 return Ok((body, false));
             }
@@ -472,39 +479,31 @@ impl Hub {
                 };
                 place = Some(taken);
             }
-            let Some(current) = self.shared.topics.get(topic) else {
-                return Ok((body, false));
-            };
-            let _waiting = Poller::enter(&current);
-            let notified = current.changed.notified();
-            tokio::pin!(notified);
-            // Registered before looking again, so a publication in between is not missed.
-            notified.as_mut().enable();
-            let (body, news) = self.poll_page(topic, since, limit)?;
-            if news {
-                return Ok((body, false));
-            }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Ok((body, false));
             }
         }
     }
 
-    /// A poll page, and whether it has anything a waiting poller would wake for (entries,
-    /// or the topic's end).
-    fn poll_page(
-        &self,
-        topic: &str,
-        since: &str,
-        limit: usize,
-    ) -> Result<(Vec<u8>, bool), PollError> {
-        let topic = self.topic(topic).map_err(|e| match e {
+    /// The topic a poll reads, created if unknown (its refusals as poll errors).
+    fn poll_topic(&self, name: &str) -> Result<Arc<Topic>, PollError> {
+        self.topic(name).map_err(|e| match e {
             PublishError::InvalidTopic(e) => PollError::InvalidTopic(e),
             PublishError::Topic(TopicError::TooManyTopics { limit }) => {
                 PollError::TooManyTopics(limit)
             }
             other => PollError::InvalidSince(other.to_string()),
-        })?;
+        })
+    }
+
+    /// A poll page, and whether it has anything a waiting poller would wake for (entries,
+    /// or the topic's end).
+    fn poll_page(
+        &self,
+        topic: &Topic,
+        since: &str,
+        limit: usize,
+    ) -> Result<(Vec<u8>, bool), PollError> {
         let state = topic.state.lock();
         if matches!(state.content, Content::State(_)) {
             // A document is read with GET .../state; its history holds diffs, not events.
