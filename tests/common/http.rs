@@ -87,9 +87,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Reads one response from `stream`. Bytes after the response (for a 101, the first
-/// WebSocket frames) stay in `buf`.
-pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpResponse {
+/// Reads and parses one response head from `stream`; what follows it stays in `buf`.
+pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpResponse {
     let head_end = loop {
         if let Some(pos) = find(buf, b"\r\n\r\n") {
             break pos;
@@ -118,13 +117,27 @@ pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpRes
             (k.trim().to_string(), v.trim().to_string())
         })
         .collect();
-    let mut response = HttpResponse {
+    HttpResponse {
         status,
         headers,
         body: Vec::new(),
-    };
+    }
+}
+
+/// Reads one response from `stream`. Bytes after the response (for a 101, the first
+/// WebSocket frames) stay in `buf`.
+pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpResponse {
+    let mut response = read_head(stream, buf).await;
+    read_body(stream, buf, &mut response).await;
+    response
+}
+
+/// Reads `response`'s body, as its head frames it: none (101, 204, 304), by
+/// `Content-Length`, chunked, or to EOF.
+pub async fn read_body(stream: &mut TcpStream, buf: &mut Vec<u8>, response: &mut HttpResponse) {
+    let status = response.status;
     if status == 101 || status == 204 || status == 304 {
-        return response;
+        return;
     }
     if let Some(len) = response.header("content-length") {
         let len: usize = len.parse().expect("content-length");
@@ -171,7 +184,6 @@ pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpRes
         buf.extend_from_slice(&rest);
         response.body = std::mem::take(buf);
     }
-    response
 }
 
 /// Sends `request` verbatim on a new connection and reads one response.

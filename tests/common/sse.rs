@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{HttpResponse, assert_server_message, read_response, within};
+use super::{HttpResponse, assert_server_message, read_body, read_head, within};
 
 /// One dispatched SSE event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl SseClient {
             .await
             .expect("write request");
         let mut buf = Vec::new();
-        let head = read_head(&mut stream, &mut buf).await;
+        let head = read_stream_head(&mut stream, &mut buf).await;
         SseClient {
             stream,
             buf,
@@ -276,46 +276,15 @@ impl SseClient {
     }
 }
 
-/// Reads a response head (up to the blank line); leaves what follows in `buf`. A response
-/// with a declared length has its body read too (refusals).
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpResponse {
+/// Reads a response head; leaves what follows (the stream) in `buf`. A response with a
+/// declared length (a refusal) has its body read too.
+async fn read_stream_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> HttpResponse {
     within("an SSE response head", async {
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let mut lines = head.split("\r\n");
-                let status: u16 = lines
-                    .next()
-                    .and_then(|l| l.split(' ').nth(1))
-                    .and_then(|s| s.parse().ok())
-                    .expect("a status line");
-                let headers: Vec<(String, String)> = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                    .collect();
-                let declared = headers
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.parse::<usize>().ok());
-                let rest = buf.split_off(end + 4);
-                if declared.is_some() {
-                    // A whole response with a body: read it as `read_response` does.
-                    let mut whole = std::mem::take(buf);
-                    whole.extend_from_slice(&rest);
-                    return read_response(stream, &mut whole).await;
-                }
-                *buf = rest;
-                return HttpResponse {
-                    status,
-                    headers,
-                    body: Vec::new(),
-                };
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.expect("read head");
-            assert!(n > 0, "the connection ended before a response head");
-            buf.extend_from_slice(&chunk[..n]);
+        let mut response = read_head(stream, buf).await;
+        if response.header("content-length").is_some() {
+            read_body(stream, buf, &mut response).await;
         }
+        response
     })
     .await
 }
