@@ -114,6 +114,15 @@ pub struct FrameCounts {
 
 /// A client WebSocket connection.
 ///
+/// Moves a connected stream out of tokio's `TcpStream` into an `AsyncFd` the reads drive.
+fn register(stream: TcpStream) -> Result<AsyncFd<std::net::TcpStream>, Fail> {
+    let std = stream.into_std()?;
+    std.set_nonblocking(true)?;
+    // SAFETY: `register` requires that the fd stays open and owned by the AsyncFd for its
+    // whole registration; the std TcpStream owns it and moves in here.
+    unsafe { AsyncFd::register(std) }.map_err(|e| Fail::Io(e.into()))
+}
+
 /// One read of a ready socket into `scratch`, after the bytes `pending` from the last read
 /// (copied to its front), with room for at least `want` bytes in all. `Ok(Ok(n))`: the
 /// data is `scratch[..pending.len() + n]`. `Ok(Err(None))`: nothing to read now.
@@ -291,11 +300,7 @@ impl WsConn {
         }
         buf.drain(..head_len);
         buf.shrink_to_fit();
-        let std = stream.into_std()?;
-        std.set_nonblocking(true)?;
-        // SAFETY: `register` requires that the fd stays open and owned by the AsyncFd
-        // for its whole registration; the std TcpStream owns it and moves in here.
-        let fd = unsafe { AsyncFd::register(std) }.map_err(|e| Fail::Io(e.into()))?;
+        let fd = register(stream)?;
         Ok(WsConn {
             fd,
             pending: buf,
@@ -459,10 +464,7 @@ impl SseConn {
             }
         }
         buf.shrink_to_fit();
-        let std = stream.into_std()?;
-        std.set_nonblocking(true)?;
-        // SAFETY: as in `WsConn::upgrade`: the AsyncFd owns the std stream and its fd.
-        let fd = unsafe { AsyncFd::register(std) }.map_err(|e| Fail::Io(e.into()))?;
+        let fd = register(stream)?;
         Ok(SseConn {
             fd,
             pending: buf,
