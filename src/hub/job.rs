@@ -40,6 +40,9 @@ pub(crate) enum Job {
     },
     /// Drop every peer at once (the shutdown deadline passed).
     DropAll,
+    /// A topic was loaded from the shared bus: answer the subscription requests that
+    /// waited for it.
+    Loaded,
 }
 
 /// A new peer's transport and what it subscribes to at once.
@@ -84,6 +87,9 @@ pub(crate) struct Shared {
     pub auth: Arc<Auth>,
     /// The publish queues' bound.
     pub backlog: Arc<Backlog>,
+    /// With a shared bus: tells it which topics and patterns this node needs. The shards
+    /// only report interest; they never call the bus.
+    pub interest: Option<super::cluster::Interest>,
     /// Peers open or being set up.
     pub open: AtomicUsize,
     /// Signalled whenever a peer ends, for shutdown's drain.
@@ -106,7 +112,7 @@ impl Shared {
 }
 
 /// The hub's end of one shard: its job channel and the waker that interrupts its poll.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ShardHandle {
     pub jobs: Sender<Job>,
     pub waker: Arc<mio::Waker>,

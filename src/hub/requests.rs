@@ -12,14 +12,14 @@ use bytes::Bytes;
 use super::SubscribeError;
 use super::job::Shared;
 use super::peer::{Admit, Peer, Subscription};
-use super::topics::Content;
+use super::topics::{Content, TopicState};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::message::{
     ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
 };
 use crate::proto::versioned::{encode_closed, encode_history_truncated};
-use crate::topic::index::{Index, SlotId, Sub};
+use crate::topic::index::{Index, Opening, SlotId, Sub};
 use crate::topic::{Filter, Pattern, Since, Version, validate_topic};
 
 /// Serves one protocol request; failures answer with `error` and keep the connection.
@@ -55,13 +55,23 @@ pub(super) fn serve(
         Err(e) => error_frame(e.code(), &e.to_string(), None),
         Ok(ClientMessage::Subscribe(req)) => {
             match subscribe(conn, slot, index, shared, &req, None) {
-                Ok(Opened { frames, .. }) => {
+                Ok(Opened {
+                    frames, waiting, ..
+                }) => {
                     let ack = ServerMessage::Subscribed {
                         id: req.id.as_ref(),
                         topics: &req.topics,
                         patterns: &req.patterns,
                         ts: now_ms(),
                     };
+                    if let Some(topics) = waiting {
+                        index.wait(Opening {
+                            slot,
+                            topics,
+                            ack: Some(ack.to_frame()),
+                        });
+                        return;
+                    }
                     // Acknowledge first; snapshots and replays follow, then live frames.
                     conn.send(ack.to_frame());
                     for frame in frames {
@@ -154,6 +164,9 @@ pub(super) struct Opened {
     pub frames: Vec<Bytes>,
     /// Each new exact topic and its version when it was attached.
     pub marks: Vec<(Arc<str>, Version)>,
+    /// With a shared bus: the new topics wait for this node to load some of them, and the
+    /// whole request is answered when they are (see [`Opening`]); the caller records it.
+    pub waiting: Option<Vec<(Arc<str>, Option<Version>)>>,
 }
 
 /// Most topics an SSE pattern stream's resume replays (the registry scan stops there).
@@ -262,12 +275,33 @@ pub(super) fn subscribe(
     conn.subscriptions
         .reserve_exact(new_topics.len() + new_patterns.len());
     let mut opened = Opened::default();
+    if shared.interest.is_some()
+        && new_topics.iter().any(|t| {
+            shared
+                .topics
+                .get(t)
+                .is_none_or(|topic| !topic.state.lock().synced)
+        })
+    {
+        // Some topic is not followed here yet: every topic of the request waits for the
+        // loads, so the answer (acknowledgement, snapshots, replays) comes whole, and
+        // "subscribed" still means that every later publication will be delivered.
+        let mut waiting = Vec::with_capacity(new_topics.len());
+        for t in new_topics.drain(..) {
+            let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
+            let name = hold(conn, slot, index, shared, t, filter.clone())?;
+            waiting.push((name, from));
+        }
+        opened.waiting = Some(waiting);
+    }
     for t in new_topics {
         let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
         match attach(conn, slot, index, shared, t, from, filter.clone()) {
             Ok((attached, version)) => {
                 opened.frames.extend(attached);
-                if let Some(Subscription::Topic(name)) = conn.subscriptions.last() {
+                if let (Some(Subscription::Topic(name)), Some(version)) =
+                    (conn.subscriptions.last(), version)
+                {
                     opened.marks.push((name.clone(), version));
                 }
             }
@@ -291,6 +325,9 @@ pub(super) fn subscribe(
         );
     }
     for p in new_patterns {
+        if let Some(interest) = &shared.interest {
+            interest.follow_pattern(&p);
+        }
         index.add_pattern(
             &p,
             Sub {
@@ -364,7 +401,10 @@ fn replay_patterns(
     }
 }
 
-/// Adds one topic subscription; returns what the client needs before live publications.
+/// Adds one topic subscription; returns what the client needs before live publications
+/// and the version it starts from. With a shared bus, a topic this node does not follow yet
+/// is loaded first: the subscription waits in the index (it gets nothing meanwhile) and is
+/// attached by [`attach_waiting`] once the topic is loaded; the version is then `None`.
 pub(super) fn attach(
     conn: &mut Peer,
     slot: SlotId,
@@ -373,10 +413,8 @@ pub(super) fn attach(
     name: &str,
     since: Option<Version>,
     filter: Option<Arc<Filter>>,
-) -> Result<(Vec<Bytes>, Version), SubscribeError> {
-    let mut frames: Vec<Bytes> = Vec::new();
-    let after;
-    let (topic, at) = loop {
+) -> Result<(Vec<Bytes>, Option<Version>), SubscribeError> {
+    let (topic, frames, after, at) = loop {
         let topic = shared
             .topics
             .get_or_create(name, || shared.metrics.topic_created())
@@ -387,55 +425,27 @@ pub(super) fn attach(
             continue;
         }
         // Counted under the lock the sweep holds while it checks for subscribers.
-        topic
+        let before = topic
             .subscribers
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let state = &mut *guard;
-        let version = state.history.version();
-        let mut mark = version.offset;
-        let passes =
-            |e: &&crate::topic::Entry| filter.as_ref().is_none_or(|f| f.matches_fields(e.fields()));
-        match (&mut state.content, since) {
-            (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
-                Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
-                _ => frames.push(doc.snapshot(name)),
-            },
-            (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
-                Since::Replay(entries) => {
-                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
-                }
-                since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
-                    // Ahead (a version this history never reached): treat it as lost
-                    // and send everything history has, as for a truncated one.
-                    let (first, entries) = match since {
-                        Since::Truncated {
-                            first_available,
-                            entries,
-                        } => (first_available, entries),
-                        _ => (state.history.first_available(), state.history.iter()),
-                    };
-                    let first = Version::new(version.epoch, first);
-                    frames.push(encode_history_truncated(
-                        name,
-                        Some(from.to_buf().as_str()),
-                        first.to_buf().as_str(),
-                        version.to_buf().as_str(),
-                        now_ms(),
-                    ));
-                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()));
-                }
-            },
-            (Content::Events | Content::Empty, None) => {}
+        if before == 0
+            && let Some(interest) = &shared.interest
+        {
+            interest.follow(&topic.name);
         }
-        if state.closed {
-            frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
-            // The `closed` publication may still be on its way to this shard: it is sent
-            // here already, so nothing after this point is.
-            mark = u64::MAX;
+        if !guard.synced {
+            drop(guard);
+            index.wait(Opening {
+                slot,
+                topics: vec![(topic.name.clone(), since)],
+                ack: None,
+            });
+            break (topic, Vec::new(), u64::MAX, None);
         }
-        after = mark;
+        let (frames, after) = replay(&mut guard, name, since, filter.as_deref());
+        let version = guard.history.version();
         drop(guard);
-        break (topic, version);
+        break (topic, frames, after, Some(version));
     };
     index.add_topic(
         &topic.name,
@@ -448,6 +458,125 @@ pub(super) fn attach(
     conn.subscriptions
         .push(Subscription::Topic(topic.name.clone()));
     Ok((frames, at))
+}
+
+/// Adds a topic subscription that waits for the topic to load: in the index at
+/// `u64::MAX` (nothing is sent to it yet), counted as a subscriber, so the bus follows it.
+fn hold(
+    conn: &mut Peer,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    name: &str,
+    filter: Option<Arc<Filter>>,
+) -> Result<Arc<str>, SubscribeError> {
+    let topic = loop {
+        let topic = shared
+            .topics
+            .get_or_create(name, || shared.metrics.topic_created())
+            .map_err(|_| SubscribeError::TooManyTopics(shared.topics.limits().max_topics))?;
+        let guard = topic.state.lock();
+        if guard.retired {
+            continue;
+        }
+        let before = topic
+            .subscribers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(guard);
+        if before == 0
+            && let Some(interest) = &shared.interest
+        {
+            interest.follow(&topic.name);
+        }
+        break topic;
+    };
+    index.add_topic(
+        &topic.name,
+        Sub {
+            slot,
+            after: u64::MAX,
+            filter,
+        },
+    );
+    conn.subscriptions
+        .push(Subscription::Topic(topic.name.clone()));
+    Ok(topic.name.clone())
+}
+
+/// Attaches a subscription that waited for its topic to load (see [`attach`]): what it
+/// needs before live publications, and the version it starts from. `None` if the topic is
+/// gone (its subscriber holds it, so only a bug could make it so).
+pub(super) fn attach_waiting(
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    name: &str,
+    since: Option<Version>,
+) -> Option<(Vec<Bytes>, Version)> {
+    let topic = shared.topics.get(name)?;
+    let mut guard = topic.state.lock();
+    if guard.retired {
+        return None;
+    }
+    let filter = index.filter_of(name, slot);
+    let (frames, after) = replay(&mut guard, name, since, filter.as_deref());
+    let version = guard.history.version();
+    drop(guard);
+    index.set_after(name, slot, after);
+    Some((frames, version))
+}
+
+/// What a new subscriber of a topic needs before live publications (under the topic's
+/// lock), and the offset after which publications are live for it.
+fn replay(
+    state: &mut TopicState,
+    name: &str,
+    since: Option<Version>,
+    filter: Option<&Filter>,
+) -> (Vec<Bytes>, u64) {
+    let mut frames: Vec<Bytes> = Vec::new();
+    let version = state.history.version();
+    let mut mark = version.offset;
+    let passes = |e: &&crate::topic::Entry| filter.is_none_or(|f| f.matches_fields(e.fields()));
+    match (&mut state.content, since) {
+        (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
+            Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
+            _ => frames.push(doc.snapshot(name)),
+        },
+        (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
+            Since::Replay(entries) => {
+                frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
+            }
+            since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
+                // Ahead (a version this history never reached): treat it as lost
+                // and send everything history has, as for a truncated one.
+                let (first, entries) = match since {
+                    Since::Truncated {
+                        first_available,
+                        entries,
+                    } => (first_available, entries),
+                    _ => (state.history.first_available(), state.history.iter()),
+                };
+                let first = Version::new(version.epoch, first);
+                frames.push(encode_history_truncated(
+                    name,
+                    Some(from.to_buf().as_str()),
+                    first.to_buf().as_str(),
+                    version.to_buf().as_str(),
+                    now_ms(),
+                ));
+                frames.extend(entries.filter(passes).map(|e| e.frame.clone()));
+            }
+        },
+        (Content::Events | Content::Empty, None) => {}
+    }
+    if state.closed {
+        frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
+        // The `closed` publication may still be on its way to this shard: it is sent
+        // here already, so nothing after this point is.
+        mark = u64::MAX;
+    }
+    (frames, mark)
 }
 
 /// `resync`: sends again what the client missed on a subscribed topic since `last_version`.
@@ -516,6 +645,7 @@ pub(super) fn unsubscribe(
         }
         Subscription::Pattern(p) if parsed.contains(p) => {
             index.remove_pattern(p, slot);
+            unfollow_pattern(shared, p);
             false
         }
         _ => true,
@@ -523,11 +653,24 @@ pub(super) fn unsubscribe(
     Ok(())
 }
 
-/// Counts one subscriber of `topic` gone.
+/// Counts one subscriber of `topic` gone; the last one on this node stops the node
+/// following it on a shared bus.
 pub(super) fn detach(shared: &Shared, topic: &str) {
     if let Some(topic) = shared.topics.get(topic) {
-        topic
+        let before = topic
             .subscribers
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if before == 1
+            && let Some(interest) = &shared.interest
+        {
+            interest.unfollow(&topic.name);
+        }
+    }
+}
+
+/// One pattern subscription gone: a shared bus stops listening for it once none is left.
+pub(super) fn unfollow_pattern(shared: &Shared, pattern: &Pattern) {
+    if let Some(interest) = &shared.interest {
+        interest.unfollow_pattern(pattern);
     }
 }

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::job::{Job, Open, Shared, SseOpen};
 use super::peer::{Access, Delivery, Peer, RateLimiter, Received, Subscription, Transport};
-use super::requests::{detach, error_frame, serve, subscribe};
+use super::requests::{attach_waiting, detach, error_frame, serve, subscribe, unfollow_pattern};
 use super::sse::SseStream;
 use super::topics::{Content, Publication};
 use crate::heartbeat::{self, Wheel};
@@ -30,7 +30,7 @@ use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
 use crate::proto::session::{Due, Mode, Output, Phase, Session, Timing};
 use crate::proto::sse;
 use crate::proto::versioned::encode_closed;
-use crate::topic::index::{Index, SlotId};
+use crate::topic::index::{Index, Opening, SlotId};
 use crate::topic::{EventFields, Version};
 
 /// The token of the shard's waker; connection tokens are slab keys.
@@ -231,6 +231,49 @@ impl Shard {
                 }
             }
             Job::DropAll => self.drop_all(CloseReason::Shutdown),
+            Job::Loaded => self.on_loaded(),
+        }
+    }
+
+    /// A topic was loaded from the shared bus: the subscription requests that waited for
+    /// it (and for nothing else still loading) are answered now. Each topic is read under
+    /// its lock like any subscription, so a publication already queued here reaches each
+    /// subscriber exactly once: at or before its mark it is skipped, after it delivered.
+    fn on_loaded(&mut self) {
+        if !self.index.has_openings() {
+            return;
+        }
+        let topics = &self.shared.topics;
+        let opened = self
+            .index
+            .take_opened(|name| topics.get(name).is_some_and(|t| t.state.lock().synced));
+        for opening in opened {
+            let slot = opening.slot;
+            let mut frames = Vec::new();
+            let mut marks = Vec::new();
+            for (name, since) in opening.topics {
+                if let Some((attached, version)) =
+                    attach_waiting(slot, &mut self.index, &self.shared, &name, since)
+                {
+                    frames.extend(attached);
+                    marks.push((name, version));
+                }
+            }
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            if let Some(ack) = opening.ack {
+                peer.send(ack);
+            }
+            for frame in frames {
+                peer.send_message(frame);
+            }
+            if let Transport::Sse(stream) = peer.transport_mut()
+                && let Some(line) = stream.mark(&marks)
+            {
+                peer.send(line);
+            }
+            self.settle(slot);
         }
     }
 
@@ -300,6 +343,13 @@ impl Shard {
             targets.push(sub.slot);
         });
         let attempted = self.targets.len();
+        if let Some(mark) = publication.rebase {
+            // The topic's history was replaced: after this frame, its subscribers continue
+            // from the new history's positions.
+            for &slot in &self.targets {
+                self.index.set_after(topic, slot, mark);
+            }
+        }
         let mut delivered = 0;
         let mut unsettled = Vec::new();
         for slot in self.targets.drain(..) {
@@ -694,7 +744,10 @@ impl Shard {
                     self.index.remove_topic(&t, slot);
                     detach(&self.shared, &t);
                 }
-                Subscription::Pattern(p) => self.index.remove_pattern(&p, slot),
+                Subscription::Pattern(p) => {
+                    self.index.remove_pattern(&p, slot);
+                    unfollow_pattern(&self.shared, &p);
+                }
             }
         }
         let _ = self.poll.registry().deregister(peer.stream_mut());
@@ -888,14 +941,21 @@ fn open_subscription(
     let is_sse = matches!(peer.transport(), Transport::Sse(_));
     match subscribe(peer, slot, index, shared, request, base_ms) {
         Ok(opened) => {
-            if !is_sse {
-                let ack = ServerMessage::Subscribed {
+            let ack = (!is_sse).then(|| {
+                ServerMessage::Subscribed {
                     id: None,
                     topics: &request.topics,
                     patterns: &request.patterns,
                     ts: now_ms(),
-                };
-                peer.send(ack.to_frame());
+                }
+                .to_frame()
+            });
+            if let Some(topics) = opened.waiting {
+                index.wait(Opening { slot, topics, ack });
+                return;
+            }
+            if let Some(ack) = ack {
+                peer.send(ack);
             }
             for frame in opened.frames {
                 peer.send_message(frame);
