@@ -459,3 +459,76 @@ async fn redis_restarted_empty_means_new_epochs_told_to_every_subscriber() {
     assert_eq!(offset, 1);
     assert_eq!(split_version(&version).0, new_epoch);
 }
+
+#[tokio::test]
+async fn a_resume_beyond_a_nodes_history_is_served_from_redis() {
+    let redis = RedisServer::start();
+    let small = |redis: &RedisServer| {
+        let mut config = node_config(redis);
+        config.history_max_len = 10;
+        config.bus.history_len = 60;
+        config
+    };
+    let a = TestGateway::start(small(&redis)).await;
+    let b = TestGateway::start(small(&redis)).await;
+    publish_numbered(&a, "jobs:deep", 1..=100).await;
+    let epoch = epoch_of(a.addr, "jobs:deep").await;
+    // A node that did not follow the topic loads 10 entries; Redis has 41..=100.
+    let mut cold = WsClient::connect(b.addr).await;
+    subscribe_since(&mut cold, "jobs:deep", &version_of(&epoch, 45), 1).await;
+    expect_numbered_events(&mut cold, "jobs:deep", 46..=100).await;
+    // Now b follows it; a second resume from further back than Redis keeps.
+    let mut far = WsClient::connect(b.addr).await;
+    subscribe_since(&mut far, "jobs:deep", &version_of(&epoch, 5), 1).await;
+    let truncated = far.next_json().await;
+    assert_eq!(truncated["type"], "history_truncated", "{truncated}");
+    assert_eq!(
+        str_field(&truncated, "first_available"),
+        version_of(&epoch, 41),
+        "what Redis still has: {truncated}"
+    );
+    expect_numbered_events(&mut far, "jobs:deep", 41..=100).await;
+    // Both go on live, in order.
+    publish_ok(a.addr, "jobs:deep", b"{\"n\":101}").await;
+    expect_numbered_events(&mut cold, "jobs:deep", 101..=101).await;
+    expect_numbered_events(&mut far, "jobs:deep", 101..=101).await;
+}
+
+#[tokio::test]
+async fn a_topic_closed_on_one_node_is_closed_everywhere() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut client = WsClient::connect(b.addr).await;
+    client.subscribe(&["runs:end"], &[], 1).await;
+    publish_numbered(&a, "runs:end", 1..=2).await;
+    expect_numbered_events(&mut client, "runs:end", 1..=2).await;
+    let closed = close_topic(a.addr, "runs:end").await;
+    assert_eq!(closed.status, 200, "{closed:?}");
+    let message = next_of(&mut client, "closed", "runs:end").await;
+    assert_eq!(
+        split_version(str_field(&message, "version")).1,
+        2,
+        "{message}"
+    );
+    publish(b.addr, "runs:end", b"{}")
+        .await
+        .assert_error(409, "topic_closed");
+    assert_eq!(
+        poll(b.addr, "runs:end", "since=0").await["status"],
+        "closed"
+    );
+    // A subscriber that comes later, on a third node, is told at once.
+    let c = node(&redis).await;
+    let mut late = WsClient::connect(c.addr).await;
+    late.subscribe(&["runs:end"], &[], 2).await;
+    next_of(&mut late, "closed", "runs:end").await;
+    // State and events do not mix across nodes either.
+    put_state_ok(a.addr, "cfg:kind", &json!({"a": 1})).await;
+    publish(b.addr, "cfg:kind", b"{}")
+        .await
+        .assert_error(409, "wrong_topic_kind");
+    publish_ok(b.addr, "jobs:kind", b"{}").await;
+    put_state(a.addr, "jobs:kind", &json!({}))
+        .await
+        .assert_error(409, "wrong_topic_kind");
+}

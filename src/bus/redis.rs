@@ -48,6 +48,8 @@ pub(crate) trait Node: Send + Sync + 'static {
     /// Makes the node's copy of `topic` the engine's view (and wakes the subscribers that
     /// waited for it).
     fn rebase(&self, topic: &str, view: &TopicView);
+    /// `topic`'s history after `from`, for resumes that reach further back than the node's.
+    fn backfilled(&self, topic: &str, from: Version, view: &TopicView);
     /// The topics this node follows now.
     fn followed(&self) -> Vec<Arc<str>>;
     /// Stops following `topic` if nothing here needs it any more; whether it stopped.
@@ -65,6 +67,8 @@ enum Follow {
     Unpattern(String),
     /// Something may have been missed (a write timed out): reload every followed topic.
     Resync,
+    /// A resume reaches further back than the node's history: read the engine's after it.
+    Backfill(Arc<str>, Version),
 }
 
 /// The Redis engine of one node.
@@ -325,6 +329,11 @@ impl RedisBus {
     /// `topic` lost its last subscriber here; it stops being followed unless one came back.
     pub fn unfollow(&self, topic: Arc<str>) {
         let _ = self.follow.send(Follow::Unfollow(topic));
+    }
+
+    /// Reads `topic`'s history after `from` for the node (see [`Node::backfilled`]).
+    pub fn backfill(&self, topic: Arc<str>, from: Version) {
+        let _ = self.follow.send(Follow::Backfill(topic, from));
     }
 
     /// Listens for topics a pattern matches (one per local pattern subscription).
@@ -684,6 +693,8 @@ async fn follower(
     let mut patterns: HashMap<String, usize> = HashMap::new();
     // Followed topics whose load failed: retried every `timeout` while connected.
     let mut unloaded: HashSet<Arc<str>> = HashSet::new();
+    // Backfills that failed, retried the same way.
+    let mut unfilled: Vec<(Arc<str>, Version)> = Vec::new();
     let mut backoff = BACKOFF_FIRST;
     loop {
         let Some(engine) = bus.upgrade() else {
@@ -708,7 +719,7 @@ async fn follower(
                     () = &mut sleep => break,
                     change = rx.recv() => match change {
                         None => return,
-                        Some(change) => record(&mut topics, &mut patterns, change, &node),
+                        Some(change) => record(&mut topics, &mut patterns, &mut unfilled, change, &node),
                     },
                 }
             }
@@ -753,10 +764,15 @@ async fn follower(
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = retry.tick(), if !unloaded.is_empty() => {
+                _ = retry.tick(), if !unloaded.is_empty() || !unfilled.is_empty() => {
                     let Some(local) = node.upgrade() else {
                         return;
                     };
+                    for (topic, from) in std::mem::take(&mut unfilled) {
+                        if !backfill(&engine, &*local, &topic, from).await {
+                            unfilled.push((topic, from));
+                        }
+                    }
                     let pending: Vec<Arc<str>> = unloaded.drain().collect();
                     for topic in pending {
                         if topics.contains(&topic) && !reload(&engine, &*local, &topic).await {
@@ -824,6 +840,11 @@ async fn follower(
                                 }
                             }
                         }
+                        Follow::Backfill(topic, from) => {
+                            if !backfill(&engine, &*local, &topic, from).await {
+                                unfilled.push((topic, from));
+                            }
+                        }
                         Follow::Resync => {
                             let followed: Vec<Arc<str>> = topics.iter().cloned().collect();
                             for topic in followed {
@@ -843,6 +864,7 @@ async fn follower(
 fn record(
     topics: &mut HashSet<Arc<str>>,
     patterns: &mut HashMap<String, usize>,
+    unfilled: &mut Vec<(Arc<str>, Version)>,
     change: Follow,
     node: &Weak<dyn Node>,
 ) {
@@ -865,6 +887,25 @@ fn record(
             }
         }
         Follow::Resync => {}
+        // Read once connected: the subscription still waits.
+        Follow::Backfill(topic, from) => unfilled.push((topic, from)),
+    }
+}
+
+/// Reads `topic`'s history after `from` and hands it to the node; whether it did.
+async fn backfill(engine: &RedisBus, node: &dyn Node, topic: &str, from: Version) -> bool {
+    match engine
+        .load(topic, engine.config.history_len.max(1), Some(from.offset))
+        .await
+    {
+        Ok(view) => {
+            node.backfilled(topic, from, &view);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "could not read history from redis; will retry");
+            false
+        }
     }
 }
 

@@ -44,6 +44,11 @@ impl Interest {
         self.bus.unfollow(topic.clone());
     }
 
+    /// A subscription resumes from `from`, further back than this node's history.
+    pub fn backfill(&self, topic: &Arc<str>, from: Version) {
+        self.bus.backfill(topic.clone(), from);
+    }
+
     /// A pattern subscription was added.
     pub fn follow_pattern(&self, pattern: &Pattern) {
         self.bus.follow_pattern(covering_glob(pattern));
@@ -148,6 +153,39 @@ impl Node for Hub {
         wake_pollers(&topic);
         for shard in &self.shards {
             shard.send(Job::Loaded);
+        }
+    }
+
+    fn backfilled(&self, name: &str, from: Version, view: &TopicView) {
+        let Some(topic) = self.shared.topics.get(name) else {
+            return;
+        };
+        let entries = if view.epoch == from.epoch && !matches!(view.content, ViewContent::State(_))
+        {
+            let now = std::time::Instant::now();
+            view.entries
+                .iter()
+                .map(|e| {
+                    let seq = Sequenced {
+                        epoch: view.epoch,
+                        offset: e.offset,
+                        ts: e.ts,
+                        body: Body::Event(e.payload.clone()),
+                    };
+                    let (frame, data) = encode_sequenced(name, &seq);
+                    crate::topic::Entry::new(e.offset, frame, data.unwrap_or_default(), now)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let backfill = Arc::new(super::job::Backfill {
+            topic: topic.name.clone(),
+            from,
+            entries,
+        });
+        for shard in &self.shards {
+            shard.send(Job::Backfill(backfill.clone()));
         }
     }
 

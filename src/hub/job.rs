@@ -43,6 +43,20 @@ pub(crate) enum Job {
     /// A topic was loaded from the shared bus: answer the subscription requests that
     /// waited for it.
     Loaded,
+    /// A shared bus's history after a version: answer the resumes that waited for it.
+    Backfill(Arc<Backfill>),
+}
+
+/// A topic's history after `from`, read from the shared bus for resumes that reach further
+/// back than this node's history (encoded once, shared by every shard).
+#[derive(Debug)]
+pub(crate) struct Backfill {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The version the resumes start after.
+    pub from: crate::topic::Version,
+    /// The entries after it, in order (none if the engine's epoch differs).
+    pub entries: Vec<crate::topic::Entry>,
 }
 
 /// A new peer's transport and what it subscribes to at once.

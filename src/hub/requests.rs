@@ -442,7 +442,12 @@ pub(super) fn attach(
             });
             break (topic, Vec::new(), u64::MAX, None);
         }
-        let (frames, after) = replay(&mut guard, name, since, filter.as_deref());
+        let deep = shared.interest.is_some();
+        let Some((frames, after)) = replay(&mut guard, name, since, filter.as_deref(), deep) else {
+            drop(guard);
+            deep_resume(index, shared, &topic.name, slot, since);
+            break (topic, Vec::new(), u64::MAX, None);
+        };
         let version = guard.history.version();
         drop(guard);
         break (topic, frames, after, Some(version));
@@ -504,38 +509,72 @@ fn hold(
 }
 
 /// Attaches a subscription that waited for its topic to load (see [`attach`]): what it
-/// needs before live publications, and the version it starts from. `None` if the topic is
-/// gone (its subscriber holds it, so only a bug could make it so).
+/// needs before live publications, and the version it starts from (none yet for a deep
+/// resume, which waits on). `None` if the topic is gone (its subscriber holds it, so only
+/// a bug could make it so).
 pub(super) fn attach_waiting(
     slot: SlotId,
     index: &mut Index,
     shared: &Shared,
     name: &str,
     since: Option<Version>,
-) -> Option<(Vec<Bytes>, Version)> {
+) -> Option<(Vec<Bytes>, Option<Version>)> {
     let topic = shared.topics.get(name)?;
     let mut guard = topic.state.lock();
     if guard.retired {
         return None;
     }
     let filter = index.filter_of(name, slot);
-    let (frames, after) = replay(&mut guard, name, since, filter.as_deref());
+    let Some((frames, after)) = replay(&mut guard, name, since, filter.as_deref(), true) else {
+        drop(guard);
+        deep_resume(index, shared, &topic.name, slot, since);
+        return Some((Vec::new(), None));
+    };
     let version = guard.history.version();
     drop(guard);
     index.set_after(name, slot, after);
-    Some((frames, version))
+    Some((frames, Some(version)))
+}
+
+/// Asks the engine for `topic`'s history after `since` for `slot`'s subscription, which
+/// stays held (nothing is sent to it) until [`replay_backfilled`] answers it.
+fn deep_resume(
+    index: &mut Index,
+    shared: &Shared,
+    topic: &Arc<str>,
+    slot: SlotId,
+    since: Option<Version>,
+) {
+    if let (Some(interest), Some(from)) = (&shared.interest, since) {
+        index.wait_backfill(topic, slot, from);
+        interest.backfill(topic, from);
+    }
 }
 
 /// What a new subscriber of a topic needs before live publications (under the topic's
 /// lock), and the offset after which publications are live for it.
+///
+/// With `deep` (a shared bus) a resume that this node's history no longer covers, but that
+/// is of the topic's epoch, answers `None`: the engine's longer history is asked for it
+/// ([`replay_backfilled`] answers then).
 fn replay(
     state: &mut TopicState,
     name: &str,
     since: Option<Version>,
     filter: Option<&Filter>,
-) -> (Vec<Bytes>, u64) {
-    let mut frames: Vec<Bytes> = Vec::new();
+    deep: bool,
+) -> Option<(Vec<Bytes>, u64)> {
     let version = state.history.version();
+    if deep
+        && let Some(from) = since
+        && from.epoch == version.epoch
+        && from.offset <= version.offset
+        && matches!(state.content, Content::Events)
+        && !state.history.since(from.offset).is_exact()
+    {
+        return None;
+    }
+    let mut frames: Vec<Bytes> = Vec::new();
     let mut mark = version.offset;
     let passes = |e: &&crate::topic::Entry| filter.is_none_or(|f| f.matches_fields(e.fields()));
     match (&mut state.content, since) {
@@ -574,6 +613,57 @@ fn replay(
         frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
         // The `closed` publication may still be on its way to this shard: it is sent
         // here already, so nothing after this point is.
+        mark = u64::MAX;
+    }
+    Some((frames, mark))
+}
+
+/// A deep resume (see [`replay`]) once the engine's history after `from` arrived: those
+/// entries up to where this node's history starts, then the node's own; `history_truncated`
+/// first if the engine's history does not reach back to `from` either. If the two do not
+/// join up (the node's history moved on meanwhile), it is answered as any truncated resume
+/// from this node's history: never a silent skip.
+pub(super) fn replay_backfilled(
+    state: &mut TopicState,
+    name: &str,
+    from: Version,
+    backfill: &[crate::topic::Entry],
+    filter: Option<&Filter>,
+) -> (Vec<Bytes>, u64) {
+    let version = state.history.version();
+    let local_first = state
+        .history
+        .iter()
+        .next()
+        .map_or(version.offset + 1, |e| e.offset);
+    let older: Vec<&crate::topic::Entry> = backfill
+        .iter()
+        .filter(|e| e.offset > from.offset && e.offset < local_first)
+        .collect();
+    let first = older.first().map_or(local_first, |e| e.offset);
+    let joins = from.epoch == version.epoch
+        && older.last().map_or(local_first, |e| e.offset + 1) == local_first
+        && older.windows(2).all(|w| w[1].offset == w[0].offset + 1);
+    if !joins {
+        return replay(state, name, Some(from), filter, false).unwrap_or_default();
+    }
+    let passes = |e: &&crate::topic::Entry| filter.is_none_or(|f| f.matches_fields(e.fields()));
+    let mut frames = Vec::new();
+    if first > from.offset + 1 {
+        // The engine's history does not reach back that far either.
+        frames.push(encode_history_truncated(
+            name,
+            Some(from.to_buf().as_str()),
+            Version::new(version.epoch, first).to_buf().as_str(),
+            version.to_buf().as_str(),
+            now_ms(),
+        ));
+    }
+    frames.extend(older.into_iter().filter(passes).map(|e| e.frame.clone()));
+    frames.extend(state.history.iter().filter(passes).map(|e| e.frame.clone()));
+    let mut mark = version.offset;
+    if state.closed {
+        frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
         mark = u64::MAX;
     }
     (frames, mark)

@@ -17,9 +17,12 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::job::Backfill;
 use super::job::{Job, Open, Shared, SseOpen};
 use super::peer::{Access, Delivery, Peer, RateLimiter, Received, Subscription, Transport};
-use super::requests::{attach_waiting, detach, error_frame, serve, subscribe, unfollow_pattern};
+use super::requests::{
+    attach_waiting, detach, error_frame, replay_backfilled, serve, subscribe, unfollow_pattern,
+};
 use super::sse::SseStream;
 use super::topics::{Content, Publication};
 use crate::heartbeat::{self, Wheel};
@@ -232,6 +235,7 @@ impl Shard {
             }
             Job::DropAll => self.drop_all(CloseReason::Shutdown),
             Job::Loaded => self.on_loaded(),
+            Job::Backfill(backfill) => self.on_backfill(&backfill),
         }
     }
 
@@ -256,7 +260,9 @@ impl Shard {
                     attach_waiting(slot, &mut self.index, &self.shared, &name, since)
                 {
                     frames.extend(attached);
-                    marks.push((name, version));
+                    if let Some(version) = version {
+                        marks.push((name, version));
+                    }
                 }
             }
             let Some(peer) = self.slots.get_mut(slot as usize) else {
@@ -270,6 +276,44 @@ impl Shard {
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&marks)
+            {
+                peer.send(line);
+            }
+            self.settle(slot);
+        }
+    }
+
+    /// The engine's history after a version arrived: the subscriptions that resumed from
+    /// it, further back than this node's history, get their replay now.
+    fn on_backfill(&mut self, backfill: &Backfill) {
+        let slots = self.index.take_backfilled(&backfill.topic, backfill.from);
+        if slots.is_empty() {
+            return;
+        }
+        let Some(topic) = self.shared.topics.get(&backfill.topic) else {
+            return;
+        };
+        for slot in slots {
+            let filter = self.index.filter_of(&backfill.topic, slot);
+            let mut state = topic.state.lock();
+            let version = state.history.version();
+            let (frames, after) = replay_backfilled(
+                &mut state,
+                &backfill.topic,
+                backfill.from,
+                &backfill.entries,
+                filter.as_deref(),
+            );
+            drop(state);
+            self.index.set_after(&backfill.topic, slot, after);
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            for frame in frames {
+                peer.send_message(frame);
+            }
+            if let Transport::Sse(stream) = peer.transport_mut()
+                && let Some(line) = stream.mark(&[(topic.name.clone(), version)])
             {
                 peer.send(line);
             }

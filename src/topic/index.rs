@@ -44,6 +44,9 @@ pub struct Index {
     /// topics are in `exact` already, at `after = u64::MAX`, so nothing is sent to them
     /// until the whole request is attached.
     opening: Vec<Opening>,
+    /// Subscriptions held until a shared bus's history after a version arrives (a resume
+    /// that reaches further back than this node's history).
+    backfilling: Vec<(Arc<str>, SlotId, crate::topic::Version)>,
 }
 
 /// A subscription request waiting for topics to load (see [`Index::wait`]).
@@ -121,6 +124,24 @@ impl Index {
         ready
     }
 
+    /// Records that `slot`'s subscription to `topic` waits for history after `from`.
+    pub fn wait_backfill(&mut self, topic: &Arc<str>, slot: SlotId, from: crate::topic::Version) {
+        self.backfilling.push((topic.clone(), slot, from));
+    }
+
+    /// The subscriptions of `topic` that waited for history after `from`, no longer waiting.
+    pub fn take_backfilled(&mut self, topic: &str, from: crate::topic::Version) -> Vec<SlotId> {
+        let mut slots = Vec::new();
+        self.backfilling.retain(|(t, slot, f)| {
+            let matched = **t == *topic && *f == from;
+            if matched {
+                slots.push(*slot);
+            }
+            !matched
+        });
+        slots
+    }
+
     /// Whether any request waits for a topic to load.
     pub fn has_openings(&self) -> bool {
         !self.opening.is_empty()
@@ -128,6 +149,8 @@ impl Index {
 
     /// Removes `slot` from `topic`'s subscribers.
     pub fn remove_topic(&mut self, topic: &str, slot: SlotId) {
+        self.backfilling
+            .retain(|(t, s, _)| !(*s == slot && **t == *topic));
         for opening in self.opening.iter_mut().filter(|o| o.slot == slot) {
             opening.topics.retain(|(t, _)| **t != *topic);
         }
