@@ -90,6 +90,20 @@ pub struct Metrics {
     state_bytes: Gauge,
     queued_publish_bytes: Gauge,
     poll_waiters: Gauge,
+    bus: BusMetrics,
+}
+
+/// What the shared bus reports (all zero on a local bus); the engine holds a clone.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BusMetrics {
+    /// 1 while Redis does not answer.
+    pub degraded: Gauge,
+    /// Topics this node follows now.
+    pub followed: Gauge,
+    /// Gaps filled from the engine's history.
+    pub gaps_filled: Counter,
+    /// Topics loaded from the engine (first subscribers, reconnects, new epochs).
+    pub reloads: Counter,
 }
 
 impl Default for Metrics {
@@ -106,6 +120,27 @@ impl Default for Metrics {
         let state_bytes = Gauge::default();
         let queued_publish_bytes = Gauge::default();
         let poll_waiters = Gauge::default();
+        let bus = BusMetrics::default();
+        registry.register(
+            "bus_degraded",
+            "1 while this node's Redis bus does not answer (writes refused, /readyz failing)",
+            bus.degraded.clone(),
+        );
+        registry.register(
+            "bus_followed_topics",
+            "Topics this node follows on the Redis bus now",
+            bus.followed.clone(),
+        );
+        registry.register(
+            "bus_gaps_filled",
+            "Gaps in a topic's offsets filled from Redis before delivery",
+            bus.gaps_filled.clone(),
+        );
+        registry.register(
+            "bus_reloads",
+            "Topics loaded from Redis: first subscribers, reconnects, new epochs",
+            bus.reloads.clone(),
+        );
         registry.register(
             "long_polls_waiting",
             "Long-polls waiting for a publication now (bounded by max_poll_waiters)",
@@ -175,6 +210,7 @@ impl Default for Metrics {
             state_bytes,
             queued_publish_bytes,
             poll_waiters,
+            bus,
         }
     }
 }
@@ -211,6 +247,11 @@ impl Metrics {
 
     pub(crate) fn set_poll_waiters(&self, n: usize) {
         self.poll_waiters.set(n as i64);
+    }
+
+    /// The bus's counters, for the engine to update.
+    pub(crate) fn bus(&self) -> &BusMetrics {
+        &self.bus
     }
 
     pub(crate) fn topic_created(&self) {
@@ -254,6 +295,10 @@ impl Metrics {
             state_bytes: self.state_bytes.get().max(0) as u64,
             publish_queue_bytes: self.queued_publish_bytes.get().max(0) as u64,
             long_polls_waiting: self.poll_waiters.get().max(0) as u64,
+            bus_degraded: self.bus.degraded.get() > 0,
+            bus_followed_topics: self.bus.followed.get().max(0) as u64,
+            bus_gaps_filled: self.bus.gaps_filled.get(),
+            bus_reloads: self.bus.reloads.get(),
         }
     }
 
@@ -506,6 +551,14 @@ pub struct Stats {
     pub publish_queue_bytes: u64,
     /// Long-polls waiting for a publication now.
     pub long_polls_waiting: u64,
+    /// Whether this node's Redis bus does not answer now (always false on a local bus).
+    pub bus_degraded: bool,
+    /// Topics this node follows on the Redis bus now.
+    pub bus_followed_topics: u64,
+    /// Gaps in offsets filled from Redis since start.
+    pub bus_gaps_filled: u64,
+    /// Topics loaded from Redis since start.
+    pub bus_reloads: u64,
 }
 
 /// Ended connections by reason.

@@ -372,6 +372,7 @@ async fn redis_paused_means_503_and_degraded_then_recovery_with_every_offset() {
     assert_eq!(refused.header("retry-after"), Some("1"), "{refused:?}");
     let not_ready = until_status(a.addr, "/readyz", 503).await;
     assert_eq!(not_ready.json()["status"], "degraded", "{not_ready:?}");
+    assert!(a.gw.stats().bus_degraded, "/stats says degraded");
     let health = http_get(a.addr, "/healthz").await;
     assert_eq!(health.status, 200, "liveness holds: {health:?}");
     assert_eq!(health.json()["status"], "degraded");
@@ -390,6 +391,7 @@ async fn redis_paused_means_503_and_degraded_then_recovery_with_every_offset() {
     redis.resume();
     until_status(a.addr, "/readyz", 200).await;
     until_status(b.addr, "/readyz", 200).await;
+    assert!(!a.gw.stats().bus_degraded);
     let last = publish_ok(a.addr, "jobs:pause", b"{\"after\":true}").await;
     // Every offset Redis assigned reaches the subscriber once, in order: those refused
     // while paused may still have been applied when Redis resumed (their outcome was
@@ -411,8 +413,14 @@ async fn a_node_that_loses_its_subscription_connection_fills_the_gap() {
     // Redis drops every pub/sub connection; publications go on meanwhile.
     let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     assert!(killed.starts_with(":"), "{killed}");
+    let reloads = b.gw.stats().bus_reloads;
     publish_numbered(&a, "jobs:gap", 6..=40).await;
     expect_numbered_events(&mut client, "jobs:gap", 6..=40).await;
+    assert!(
+        b.gw.stats().bus_reloads > reloads,
+        "b reloaded after reconnecting"
+    );
+    assert_eq!(b.gw.stats().bus_followed_topics, 1);
 }
 
 #[tokio::test]

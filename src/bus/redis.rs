@@ -24,7 +24,7 @@
 //! answer, they fail at once with [`BusError::Unavailable`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ use redis::{Script, Value};
 use tokio::sync::mpsc;
 
 use super::{Applied, BusConfig, BusError, Sequenced, TopicView, ViewContent, ViewEntry};
+use crate::metrics::BusMetrics;
 use crate::topic::{Epoch, Version};
 
 /// What the engine needs from the node it serves (implemented by the hub).
@@ -81,10 +82,7 @@ pub(crate) struct RedisBus {
     healthy: AtomicBool,
     stop: tokio::sync::Notify,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Gaps filled from the streams, and topics reloaded whole.
-    pub gaps_filled: AtomicU64,
-    /// Topics reloaded because this node lost track (reconnects, new epochs, truncation).
-    pub reloads: AtomicU64,
+    metrics: BusMetrics,
     scripts: Scripts,
 }
 
@@ -212,7 +210,7 @@ enum Outcome {
 impl RedisBus {
     /// Connects to Redis (failing after `timeout` if it does not answer) and starts the
     /// engine's thread. The follower starts with [`RedisBus::serve`].
-    pub fn connect(config: &BusConfig) -> std::io::Result<Arc<RedisBus>> {
+    pub fn connect(config: &BusConfig, metrics: BusMetrics) -> std::io::Result<Arc<RedisBus>> {
         let invalid = |e: redis::RedisError| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -259,8 +257,7 @@ impl RedisBus {
             healthy: AtomicBool::new(true),
             stop: tokio::sync::Notify::new(),
             thread: Mutex::new(None),
-            gaps_filled: AtomicU64::new(0),
-            reloads: AtomicU64::new(0),
+            metrics,
             scripts: Scripts {
                 publish: Script::new(PUBLISH),
                 write_state: Script::new(WRITE_STATE),
@@ -386,6 +383,7 @@ impl RedisBus {
     fn after_failed_write(&self, e: &redis::RedisError) {
         if e.is_timeout() || e.is_io_error() || e.is_connection_dropped() {
             self.healthy.store(false, Ordering::SeqCst);
+            self.metrics.degraded.set(1);
             let _ = self.follow.send(Follow::Resync);
         }
     }
@@ -671,6 +669,7 @@ async fn health(bus: Weak<RedisBus>, node: Weak<dyn Node>) {
                 .await
                 .is_ok_and(|r| r.is_ok());
         let was = engine.healthy.swap(answered, Ordering::SeqCst);
+        engine.metrics.degraded.set(i64::from(!answered));
         if answered && !was {
             tracing::info!("redis answers again; reloading followed topics");
             let _ = engine.follow.send(Follow::Resync);
@@ -763,6 +762,7 @@ async fn follower(
         let mut retry = tokio::time::interval(timeout);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            engine.metrics.followed.set(topics.len() as i64);
             tokio::select! {
                 _ = retry.tick(), if !unloaded.is_empty() || !unfilled.is_empty() => {
                     let Some(local) = node.upgrade() else {
@@ -915,7 +915,7 @@ async fn backfill(engine: &RedisBus, node: &dyn Node, topic: &str, from: Version
 async fn reload(engine: &RedisBus, node: &dyn Node, topic: &str) -> bool {
     match engine.load(topic, node.cache_len(), None).await {
         Ok(view) => {
-            engine.reloads.fetch_add(1, Ordering::Relaxed);
+            engine.metrics.reloads.inc();
             node.rebase(topic, &view);
             true
         }
@@ -950,7 +950,7 @@ async fn on_message(engine: &RedisBus, node: &dyn Node, message: &redis::Msg) {
                 .await
             {
                 Ok(view) => {
-                    engine.gaps_filled.fetch_add(1, Ordering::Relaxed);
+                    engine.metrics.gaps_filled.inc();
                     node.rebase(topic, &view);
                 }
                 Err(e) => tracing::warn!(topic, error = %e, "could not fill a gap from redis"),

@@ -191,13 +191,14 @@ impl Hub {
         let backlog = Backlog::new(config.publish_queue_bytes, config.topic_queue_len.max(1));
         let auth = crate::auth::Auth::from_config(&config.auth)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let metrics = Metrics::default();
         let bus = match config.bus.kind {
             BusKind::Local => None,
-            BusKind::Redis => Some(RedisBus::connect(&config.bus)?),
+            BusKind::Redis => Some(RedisBus::connect(&config.bus, metrics.bus().clone())?),
         };
         let shared = Arc::new(Shared {
             config,
-            metrics: Metrics::default(),
+            metrics,
             topics: Topics::with_bus(limits, bus.is_some()),
             auth: Arc::new(auth),
             backlog,

@@ -1063,6 +1063,89 @@ mod tests {
         assert_eq!(doc.doc(), &small);
     }
 
+    #[test]
+    fn sequenced_publications_apply_in_offset_order_only() {
+        let topics = Topics::with_bus(TopicLimits::default(), true);
+        let topic = topics.get_or_create("c:t", || {}).unwrap();
+        let epoch = Epoch::from_u64(7);
+        let seq = |offset: u64| Sequenced {
+            epoch,
+            offset,
+            ts: 1,
+            body: Body::Event(Bytes::from(format!("{{\"n\":{offset}}}"))),
+        };
+        let mut handed = Vec::new();
+        assert_eq!(
+            topics.apply(&topic, &seq(1), |p| handed.push(p.offset)),
+            Applied::Cold,
+            "a cold copy takes nothing"
+        );
+        let view = TopicView {
+            epoch,
+            offset: 2,
+            content: ViewContent::Events,
+            closed: false,
+            entries: vec![
+                crate::bus::ViewEntry {
+                    offset: 1,
+                    ts: 1,
+                    payload: Bytes::from_static(b"1"),
+                },
+                crate::bus::ViewEntry {
+                    offset: 2,
+                    ts: 1,
+                    payload: Bytes::from_static(b"2"),
+                },
+            ],
+        };
+        topics.rebase(&topic, &view, |p| handed.push(p.offset));
+        assert!(handed.is_empty(), "loading a cold copy tells nobody");
+        assert_eq!(topic.state.lock().history.version(), Version::new(epoch, 2));
+        let mut apply = |s: Sequenced| topics.apply(&topic, &s, |p| handed.push(p.offset));
+        assert_eq!(apply(seq(2)), Applied::Duplicate);
+        assert_eq!(apply(seq(4)), Applied::Gap { after: 2 });
+        assert_eq!(apply(seq(3)), Applied::Done);
+        assert_eq!(apply(seq(4)), Applied::Done);
+        let other = Sequenced {
+            epoch: Epoch::from_u64(8),
+            ..seq(5)
+        };
+        assert_eq!(apply(other), Applied::Resync, "another epoch reloads");
+        let change = Sequenced {
+            body: Body::Change(Bytes::from_static(b"[]")),
+            ..seq(5)
+        };
+        assert_eq!(apply(change), Applied::Resync, "a change to an event topic");
+        assert_eq!(handed, [3, 4]);
+        // A continuation applies only what is new; a new epoch replaces and tells.
+        topic.subscribers.fetch_add(1, Ordering::SeqCst);
+        let next = TopicView {
+            offset: 5,
+            entries: vec![crate::bus::ViewEntry {
+                offset: 5,
+                ts: 1,
+                payload: Bytes::from_static(b"5"),
+            }],
+            ..view.clone()
+        };
+        topics.rebase(&topic, &next, |p| handed.push(p.offset));
+        assert_eq!(handed, [3, 4, 5]);
+        let lost = TopicView {
+            epoch: Epoch::from_u64(9),
+            offset: 0,
+            content: ViewContent::Empty,
+            closed: false,
+            entries: Vec::new(),
+        };
+        let mut rebased = Vec::new();
+        topics.rebase(&topic, &lost, |p| rebased.push((p.offset, p.rebase)));
+        assert_eq!(rebased, [(Publication::REBASE, Some(0))]);
+        assert_eq!(
+            topic.state.lock().history.version(),
+            Version::new(Epoch::from_u64(9), 0)
+        );
+    }
+
     fn fresh_data(topics: &Topics, name: &str) -> Bytes {
         let topic = topics.get(name).unwrap();
         let state = topic.state.lock();
