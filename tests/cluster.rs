@@ -64,6 +64,15 @@ async fn a_publication_on_one_node_reaches_subscribers_on_every_node() {
         by_pattern, seen_a,
         "a pattern subscriber on another node too"
     );
+    // An embedder's blocking publish goes through Redis too.
+    let gw = a.gw.clone();
+    let published = tokio::task::spawn_blocking(move || gw.publish("runs:1", b"{\"n\":4}"))
+        .await
+        .expect("publish thread")
+        .expect("publish");
+    assert_eq!(published.offset, 4);
+    assert_eq!(events(&mut on_b, "runs:1", 1).await[0].0, 4);
+    assert_eq!(events(&mut pattern_on_b, "runs:1", 1).await[0].0, 4);
     // A topic the pattern's Redis glob covers but tidings' `*` (one segment) does not.
     publish_ok(a.addr, "runs:1:sub", b"{}").await;
     publish_ok(a.addr, "runs:2", b"{\"last\":true}").await;
@@ -81,7 +90,7 @@ async fn a_publication_on_one_node_reaches_subscribers_on_every_node() {
         .iter()
         .map(|e| e["offset"].as_u64().unwrap())
         .collect();
-    assert_eq!(offsets, [2, 3], "{page}");
+    assert_eq!(offsets, [2, 3, 4], "{page}");
     assert_eq!(
         version_of(str_field(&page, "epoch"), 3),
         seen_a[2].1,
