@@ -92,7 +92,7 @@ impl Node for Hub {
             let applied = self
                 .shared
                 .topics
-                .apply(&topic, seq, |p| self.hand_off(p, ticket.take()));
+                .apply(&topic, seq, |p| self.hand_off(&topic, p, ticket.take()));
             if applied == Applied::Done {
                 wake_pollers(&topic);
             }
@@ -128,6 +128,7 @@ impl Node for Hub {
                 Body::Event(_) | Body::Change(_) => seq.offset,
             };
             self.hand_off(
+                &topic,
                 Publication::new(topic.name.clone(), offset, frame, data),
                 Some(ticket),
             );
@@ -148,7 +149,7 @@ impl Node for Hub {
             // A reload is rare and must not be refused: its publications are counted in
             // the queues but always admitted.
             let ticket = backlog.admit_always(&topic, p.frame.len() + self.queue_cost(name, 0));
-            self.hand_off(p, Some(ticket));
+            self.hand_off(&topic, p, Some(ticket));
         });
         wake_pollers(&topic);
         for shard in &self.shards {

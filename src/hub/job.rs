@@ -104,6 +104,9 @@ pub(crate) struct Shared {
     /// With a shared bus: tells it which topics and patterns this node needs. The shards
     /// only report interest; they never call the bus.
     pub interest: Option<super::cluster::Interest>,
+    /// Pattern subscriptions on every shard: while there are none, a publication of a
+    /// topic with no subscriber is not handed to the shards at all.
+    pub patterns: AtomicUsize,
     /// Peers open or being set up.
     pub open: AtomicUsize,
     /// Signalled whenever a peer ends, for shutdown's drain.
@@ -130,14 +133,22 @@ impl Shared {
 pub(crate) struct ShardHandle {
     pub jobs: Sender<Job>,
     pub waker: Arc<mio::Waker>,
+    /// Set by the shard while it sleeps with nothing to do.
+    pub parked: Arc<AtomicBool>,
 }
 
 impl ShardHandle {
-    /// Sends a job and wakes the shard.
+    /// Sends a job, and wakes the shard if it sleeps: a busy shard reads its channel every
+    /// turn, so a burst of jobs costs one wake-up, not one each.
     pub fn send(&self, job: Job) {
         // Sending fails only once the shard thread is gone, which happens only on drop.
         if self.jobs.send(job).is_ok() {
-            let _ = self.waker.wake();
+            // Pairs with the shard's fence between setting `parked` and its last look at
+            // the channel: one of the two sees the other.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.parked.swap(false, Ordering::SeqCst) {
+                let _ = self.waker.wake();
+            }
         }
     }
 }

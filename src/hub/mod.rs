@@ -203,6 +203,7 @@ impl Hub {
             auth: Arc::new(auth),
             backlog,
             interest: bus.clone().map(cluster::Interest::new),
+            patterns: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -212,11 +213,16 @@ impl Hub {
             let poll = mio::Poll::new()?;
             let waker = Arc::new(mio::Waker::new(poll.registry(), shard::WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
-            let shard = shard::Shard::new(poll, rx, shared.clone(), threads);
+            let parked = Arc::new(AtomicBool::new(false));
+            let shard = shard::Shard::new(poll, rx, parked.clone(), shared.clone(), threads);
             std::thread::Builder::new()
                 .name(format!("tidings-shard-{i}"))
                 .spawn(move || shard.run())?;
-            shards.push(ShardHandle { jobs: tx, waker });
+            shards.push(ShardHandle {
+                jobs: tx,
+                waker,
+                parked,
+            });
         }
         let hub = Arc::new(Hub {
             shared,
@@ -378,7 +384,16 @@ impl Hub {
         self.overloaded()
     }
 
-    fn hand_off(&self, mut publication: Publication, ticket: Option<Ticket>) {
+    /// Hands a publication of `topic` to every shard, unless no connection could want it:
+    /// no subscriber of the topic (counted under its lock, which the caller holds) and no
+    /// pattern subscription anywhere. Then it only stays in history, and dropping its
+    /// ticket gives its place in the queues back at once.
+    fn hand_off(&self, topic: &Topic, mut publication: Publication, ticket: Option<Ticket>) {
+        if topic.subscribers.load(Ordering::SeqCst) == 0
+            && self.shared.patterns.load(Ordering::SeqCst) == 0
+        {
+            return;
+        }
         if let Some(ticket) = ticket {
             ticket.settle(publication.frame.len() + JOB_OVERHEAD * self.shards.len());
             publication.ticket = Some(ticket);
@@ -398,7 +413,7 @@ impl Hub {
         let mut ticket = Some(ticket);
         let topics = &self.shared.topics;
         let (topic, offset) = self.retrying(topic, |topic| {
-            topics.publish_event(topic, data, |p| self.hand_off(p, ticket.take()))
+            topics.publish_event(topic, data, |p| self.hand_off(topic, p, ticket.take()))
         })?;
         wake_pollers(&topic);
         self.shared.metrics.published();
@@ -450,7 +465,7 @@ impl Hub {
         let topics = &self.shared.topics;
         let (topic, (version, changed)) = self.retrying(topic, |topic| {
             topics.write_state(topic, if_match, &mut change, |p| {
-                self.hand_off(p, ticket.take())
+                self.hand_off(topic, p, ticket.take())
             })
         })?;
         if changed {
@@ -602,7 +617,7 @@ impl Hub {
         let mut ticket = Some(self.shared.backlog.admit_always(&topic, cost));
         let topics = &self.shared.topics;
         let (topic, version) = self.retrying(topic, |topic| {
-            topics.close(topic, |p| self.hand_off(p, ticket.take()))
+            topics.close(topic, |p| self.hand_off(topic, p, ticket.take()))
         })?;
         wake_pollers(&topic);
         Ok(version)
@@ -675,7 +690,7 @@ impl Drop for Hub {
             bus.stop();
         }
         // Disconnect each shard's channel, then wake it to notice and exit.
-        for ShardHandle { jobs, waker } in std::mem::take(&mut self.shards) {
+        for ShardHandle { jobs, waker, .. } in std::mem::take(&mut self.shards) {
             drop(jobs);
             let _ = waker.wake();
         }

@@ -325,6 +325,9 @@ pub(super) fn subscribe(
         );
     }
     for p in new_patterns {
+        shared
+            .patterns
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(interest) = &shared.interest {
             interest.follow_pattern(&p);
         }
@@ -758,8 +761,12 @@ pub(super) fn detach(shared: &Shared, topic: &str) {
     }
 }
 
-/// One pattern subscription gone: a shared bus stops listening for it once none is left.
+/// One pattern subscription gone (counted out; a shared bus stops listening for it once
+/// none is left).
 pub(super) fn unfollow_pattern(shared: &Shared, pattern: &Pattern) {
+    shared
+        .patterns
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     if let Some(interest) = &shared.interest {
         interest.unfollow_pattern(pattern);
     }

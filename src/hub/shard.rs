@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -64,6 +65,9 @@ const FANOUT_BUDGET: usize = 256;
 pub(crate) struct Shard {
     poll: Poll,
     jobs: Receiver<Job>,
+    /// Set while the shard sleeps in its poll with nothing to do: only then do senders
+    /// wake it.
+    parked: Arc<AtomicBool>,
     shared: Arc<Shared>,
     slots: Slab<Peer>,
     index: Index,
@@ -101,7 +105,13 @@ pub(crate) struct Shard {
 impl Shard {
     /// Creates a shard around its poll (whose waker the hub holds) and job channel.
     /// `shards` is how many shards share the gateway-wide buffer budgets.
-    pub fn new(poll: Poll, jobs: Receiver<Job>, shared: Arc<Shared>, shards: usize) -> Shard {
+    pub fn new(
+        poll: Poll,
+        jobs: Receiver<Job>,
+        parked: Arc<AtomicBool>,
+        shared: Arc<Shared>,
+        shards: usize,
+    ) -> Shard {
         let config = &shared.config;
         let shards = shards.max(1);
         let queued_share = config.max_queued_total_bytes / shards;
@@ -121,6 +131,7 @@ impl Shard {
         Shard {
             poll,
             jobs,
+            parked,
             shared,
             slots: Slab::new(),
             index: Index::default(),
@@ -158,8 +169,19 @@ impl Shard {
         loop {
             // Work left over (the waker will not fire again for jobs already sent) means a
             // poll that only looks at the sockets.
-            let idle =
+            let mut idle =
                 self.more_to_read.is_empty() && self.ready.is_empty() && self.jobs.is_empty();
+            if idle {
+                // Senders wake a parked shard only (one eventfd write per sleep, not per
+                // job). Announced before the last look at the channel, so a job sent after
+                // that look sees the flag and wakes the poll.
+                self.parked.store(true, Ordering::SeqCst);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if !self.jobs.is_empty() {
+                    self.parked.store(false, Ordering::SeqCst);
+                    idle = false;
+                }
+            }
             let timeout = if idle {
                 let next = (self.now_tick() + 1) as u128 * self.tick.as_nanos();
                 let elapsed = self.started.elapsed().as_nanos();
@@ -167,7 +189,11 @@ impl Shard {
             } else {
                 Duration::ZERO
             };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            if idle {
+                self.parked.store(false, Ordering::SeqCst);
+            }
+            if let Err(e) = polled
                 && e.kind() != std::io::ErrorKind::Interrupted
             {
                 tracing::error!(error = %e, "shard poll failed");

@@ -266,10 +266,13 @@ impl History {
     pub fn evict(&mut self, now: Instant) -> usize {
         let excess = self.entries.len().saturating_sub(self.limits.max_len);
         let max_age = self.limits.max_age;
-        // Entries are in publication order, so the old ones are a prefix.
+        // Entries are in publication order, so the old ones are a prefix: counted from the
+        // front, which touches one entry when none is old (the case on every push).
         let old = self
             .entries
-            .partition_point(|e| now.saturating_duration_since(e.at) > max_age);
+            .iter()
+            .take_while(|e| now.saturating_duration_since(e.at) > max_age)
+            .count();
         let mut n = excess.max(old);
         let mut bytes = self.bytes - self.entries.range(..n).map(|e| e.cost).sum::<usize>();
         while bytes > self.limits.max_bytes
@@ -284,7 +287,12 @@ impl History {
     /// Drops every entry at or before `offset` (a shared memory budget needs room); returns
     /// how many were dropped.
     pub fn evict_through(&mut self, offset: u64) -> usize {
-        let n = self.entries.partition_point(|e| e.offset <= offset);
+        // Counted from the front: the budget evicts one entry at a time, the oldest.
+        let n = self
+            .entries
+            .iter()
+            .take_while(|e| e.offset <= offset)
+            .count();
         self.drop_front(n)
     }
 
