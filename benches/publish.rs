@@ -11,9 +11,7 @@ use tidings::{Config, Gateway};
 const TOPICS: usize = 10_000;
 
 fn publish(c: &mut Criterion) {
-    let mut config = Config::default();
-    config.fanout_threads = 1;
-    let gateway = Gateway::new(config);
+    let gateway = Gateway::new(Config::default().fanout_threads(1));
     let names: Vec<String> = (0..TOPICS).map(|i| format!("runs:{i}")).collect();
     let event = br#"{"status":"running","step":3,"of":10}"#;
     let mut group = c.benchmark_group("publish");

@@ -9,9 +9,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(200_000);
-    let mut config = tidings::Config::default();
-    config.fanout_threads = 1;
-    let gateway = tidings::Gateway::new(config);
+    let gateway = tidings::Gateway::new(tidings::Config::default().fanout_threads(1));
     let names: Vec<String> = (0..10_000).map(|i| format!("runs:{i}")).collect();
     let event = br#"{"status":"running","step":3,"of":10}"#;
     let started = std::time::Instant::now();
