@@ -418,7 +418,7 @@ impl Hub {
         wake_pollers(&topic);
         self.shared.metrics.published();
         Ok(Published {
-            topic: topic.name.to_string(),
+            topic: String::from(&*topic.name),
             offset,
         })
     }
@@ -473,7 +473,7 @@ impl Hub {
             self.shared.metrics.published();
         }
         Ok(StateWritten {
-            topic: topic.name.to_string(),
+            topic: String::from(&*topic.name),
             version,
             changed,
         })

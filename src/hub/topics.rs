@@ -402,8 +402,9 @@ impl Topics {
     /// epoch and counter), so they always increase.
     fn push(&self, topic: &Arc<Topic>, history: &mut History, entry: Entry) {
         let offset = entry.offset;
+        let now = entry.at;
         self.changed_history(topic, history, |h| {
-            if let Err(PushError::OutOfOrder { offset, last }) = h.push(entry, Instant::now()) {
+            if let Err(PushError::OutOfOrder { offset, last }) = h.push(entry, now) {
                 tracing::error!(offset, last, "history offsets out of order");
             }
         });

@@ -8,7 +8,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use super::frame::{self, Kind};
 
@@ -316,12 +315,10 @@ pub enum JsonError {
 /// range of the value itself, without surrounding whitespace, so it can be embedded
 /// verbatim in event frames.
 pub fn validate_json(body: &[u8], max_depth: usize) -> Result<std::ops::Range<usize>, JsonError> {
-    super::json::check_depth(body, max_depth)?;
-    let raw: &RawValue =
-        serde_json::from_slice(body).map_err(|e| JsonError::Invalid(e.to_string()))?;
-    let text = raw.get().as_bytes();
-    let start = text.as_ptr() as usize - body.as_ptr() as usize;
-    Ok(start..start + text.len())
+    super::json::validate(body, max_depth).map_err(|e| match e {
+        super::json::Invalid::Limit(limit) => JsonError::Limit(limit),
+        syntax @ super::json::Invalid::Syntax { .. } => JsonError::Invalid(syntax.to_string()),
+    })
 }
 
 #[cfg(test)]

@@ -33,10 +33,24 @@ fn valid_segment(s: &str) -> bool {
 
 /// Validates a topic name; the characters allowed need no escaping in JSON or URLs.
 pub fn validate_topic(topic: &str) -> Result<(), NameError> {
-    let ok = !topic.is_empty()
-        && topic.len() <= MAX_TOPIC_LEN
-        && topic.split(':').count() <= MAX_SEGMENTS
-        && topic.split(':').all(valid_segment);
+    // One pass over the bytes: every publication's topic is checked.
+    let mut segments = 1;
+    let mut segment_len = 0;
+    let mut ok = !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN;
+    for &b in topic.as_bytes() {
+        if b == b':' {
+            ok &= segment_len > 0 && segment_len <= MAX_SEGMENT_LEN;
+            segments += 1;
+            segment_len = 0;
+        } else {
+            ok &= b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+            segment_len += 1;
+        }
+        if !ok {
+            break;
+        }
+    }
+    let ok = ok && segment_len > 0 && segment_len <= MAX_SEGMENT_LEN && segments <= MAX_SEGMENTS;
     if ok {
         Ok(())
     } else {
@@ -148,6 +162,18 @@ mod tests {
         let many = vec!["a"; 17].join(":");
         for bad in ["", ":", "a:", ":a", "a::b", "a b", "a:*", "ü", &long, &many] {
             assert!(validate_topic(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The one-pass check says what the rules say, segment by segment.
+        #[test]
+        fn one_pass_validation_follows_the_rules(topic in "[a-c:_.ü* -]{0,12}|[a:]{60,80}") {
+            let by_rules = !topic.is_empty()
+                && topic.len() <= MAX_TOPIC_LEN
+                && topic.split(':').count() <= MAX_SEGMENTS
+                && topic.split(':').all(valid_segment);
+            proptest::prop_assert_eq!(validate_topic(&topic).is_ok(), by_rules, "{:?}", topic);
         }
     }
 
