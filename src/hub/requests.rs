@@ -16,7 +16,7 @@ use super::topics::Content;
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::message::{
-    ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
+    ClientMessage, ServerMessage, SubscriptionRequest, TopicVersions, now_ms, parse_client,
 };
 use crate::proto::versioned::{encode_closed, encode_history_truncated};
 use crate::topic::index::{Index, SlotId, Sub};
@@ -55,11 +55,12 @@ pub(super) fn serve(
         Err(e) => error_frame(e.code(), &e.to_string(), None),
         Ok(ClientMessage::Subscribe(req)) => {
             match subscribe(conn, slot, index, shared, &req, None) {
-                Ok(Opened { frames, .. }) => {
+                Ok(Opened { frames, marks }) => {
                     let ack = ServerMessage::Subscribed {
                         id: req.id.as_ref(),
                         topics: &req.topics,
                         patterns: &req.patterns,
+                        versions: &TopicVersions::of(&marks),
                         ts: now_ms(),
                     };
                     // Acknowledge first; snapshots and replays follow, then live frames.
