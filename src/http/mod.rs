@@ -3,6 +3,7 @@
 
 mod conditional;
 pub(crate) mod context;
+pub(crate) mod dashboard;
 pub(crate) mod guard;
 pub(crate) mod limits;
 pub(crate) mod sse;
@@ -99,6 +100,9 @@ async fn routes(
             }
         }
         ["echo"] if hub.config().echo => upgrade(hub, tracker, req, Mode::Echo, None).await,
+        // The client script and the dashboard's files, embedded in the binary.
+        s if dashboard::is_asset(s) => dashboard::serve_asset(&req, s),
+        ["v1", "topics"] => dashboard::list_topics(hub, &req).await,
         ["healthz"] => match *req.method() {
             Method::GET | Method::HEAD => {
                 json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -167,6 +171,9 @@ async fn routes(
             match *req.method() {
                 Method::POST => match guard::close(hub, &req).await {
                     Err(refused) => refused,
+                    Ok(()) if crate::topic::is_reserved(&topic) => {
+                        dashboard::refuse_reserved_write(&topic).unwrap_or_default()
+                    }
                     Ok(()) => match hub.close_topic(&topic) {
                         Ok(version) => json_response(
                             StatusCode::OK,
@@ -189,6 +196,9 @@ async fn routes(
 /// `POST /v1/topics/{topic}/events`: the body is one JSON value, published as is.
 async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
         return refused;
     }
     let limit = hub.config().max_publish_bytes;
@@ -483,6 +493,9 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
     if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+        return refused;
+    }
     let if_match = if_match(&req);
     let body = match read_body(req, hub.config().max_publish_bytes).await {
         Ok(body) => body,
@@ -506,6 +519,9 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
 async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Err(refused) = guard::publish(hub, &req, topic).await {
+        return refused;
+    }
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
         return refused;
     }
     let media = req
