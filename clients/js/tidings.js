@@ -474,7 +474,7 @@ export class Tidings {
       return;
     }
     const kinds = this.options.transports;
-    if (!info.opened && info.status !== 401 && info.status !== 403) {
+    if (!info.opened && !AUTH_REFUSALS.has(info.code)) {
       // The transport never came up. If the gateway answers plain HTTP, the transport
       // itself is what fails here (an upgrade refused, a proxy that buffers streams):
       // fall back to the next one at once. Otherwise the gateway is away: back off.
@@ -726,6 +726,9 @@ export class Tidings {
     }
   }
 }
+
+/** Refusals that another transport would get too: back off instead of falling back. */
+const AUTH_REFUSALS = new Set(['unauthorized', 'invalid_request', 'invalid_token', 'token_expired', 'token_not_yet_valid', 'unknown_key', 'forbidden', 'origin_forbidden']);
 
 function call(fn, ...args) {
   try {
