@@ -824,7 +824,11 @@ class WsTransport {
       this.onMessage(msg);
     };
     ws.onclose = (ev) => this.fail({ opened: this.isOpen, code: ev.code, reason: ev.reason });
-    ws.onerror = () => {};
+    // A browser follows a failed connection's `error` with `close`; some runtimes (Node
+    // 20's WebSocket) send only the `error`. Before the open it is the failure either way.
+    ws.onerror = () => {
+      if (!this.isOpen) this.fail({ opened: false, code: 'connect_failed' });
+    };
   }
 
   onMessage(msg) {
