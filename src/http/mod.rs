@@ -195,10 +195,10 @@ async fn routes(
 
 /// `POST /v1/topics/{topic}/events`: the body is one JSON value, published as is.
 async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(refused) = guard::publish(hub, &req, topic).await {
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
         return refused;
     }
-    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }
     let limit = hub.config().max_publish_bytes;
@@ -490,10 +490,10 @@ fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<B
 
 /// `PUT /v1/topics/{topic}/state`: replaces the document.
 async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(refused) = guard::publish(hub, &req, topic).await {
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
         return refused;
     }
-    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }
     let if_match = if_match(&req);
@@ -518,10 +518,10 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
 
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
 async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(refused) = guard::publish(hub, &req, topic).await {
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
         return refused;
     }
-    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+    if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }
     let media = req

@@ -2,6 +2,7 @@
 // connections or refuse WebSocket upgrades, headless Debian Chromium, and waiting for a
 // condition with a deadline (never a fixed sleep as synchronisation).
 import { spawn } from 'node:child_process';
+import { request } from 'node:http';
 import { createServer, connect } from 'node:net';
 import { mkdtempSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -154,6 +155,37 @@ export async function proxy(target, { refuse = () => false } = {}) {
       server.close(r);
     }),
   };
+}
+
+/**
+ * Opens an SSE stream on a fresh connection (an SSE stream must be its connection's first
+ * request), reads until `until(text)` or the end, and closes: `{ status, text, json }`.
+ */
+export function sse(url, path, key, until = () => true) {
+  return new Promise((resolve, reject) => {
+    const headers = key ? { Authorization: `Bearer ${key}` } : {};
+    const req = request(`${url}${path}`, { agent: false, headers }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      const done = () => {
+        req.destroy();
+        let json = null;
+        try {
+          json = JSON.parse(text);
+        } catch {
+          // a stream, not an error body
+        }
+        resolve({ status: res.statusCode, text, json });
+      };
+      res.on('data', (d) => {
+        text += d;
+        if (res.statusCode === 200 && until(text)) done();
+      });
+      res.on('end', done);
+    });
+    req.on('error', reject);
+    req.end();
+  });
 }
 
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';

@@ -48,7 +48,7 @@ function chart(id, labels, paint) {
     scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.15)] } },
     axes: [
       { stroke: '#8a96a3', grid: { stroke: '#26313c' } },
-      { stroke: '#8a96a3', grid: { stroke: '#26313c' }, size: 60, values: (u, v) => v.map(paint || fmt) },
+      { stroke: '#8a96a3', grid: { stroke: '#26313c' }, size: 76, values: (u, v) => v.map(paint || fmt) },
     ],
     series: [{}, ...labels.map((label, i) => ({ label, stroke: colors[i % colors.length], width: 1.5, points: { show: false } }))],
   };
