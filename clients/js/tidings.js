@@ -80,11 +80,15 @@ export function matchesFilter(filter, data) {
   return true;
 }
 
-/** A multi-topic SSE resume cursor (docs/PROTOCOL.md): `c1;b=<ms>;<topic>=<E:N>...`. */
-export function buildCursor(versions, baseMs) {
+/** A multi-topic SSE resume cursor (docs/PROTOCOL.md): `c1;b=<ms>;#<i>=<E:N>;<topic>=<E:N>`,
+ * a topic of the stream's `topics=` list (`topics`) by its index, any other by name. */
+export function buildCursor(versions, baseMs, topics = []) {
   let out = 'c1';
   if (baseMs != null) out += `;b=${baseMs}`;
-  for (const [topic, version] of versions) out += `;${topic}=${version}`;
+  for (const [topic, version] of versions) {
+    const i = topics.indexOf(topic);
+    out += i >= 0 ? `;#${i}=${version}` : `;${topic}=${version}`;
+  }
   return out;
 }
 
@@ -663,7 +667,9 @@ export class Tidings {
     }
     let doc;
     try {
-      doc = applyPatch(rec.doc, msg.diff, false, false).newDocument;
+      // Validated: an operation that does not fit the local document throws (then resync)
+      // instead of being applied to a document that is not the gateway's.
+      doc = applyPatch(rec.doc, msg.diff, true, false).newDocument;
     } catch {
       this.resync(rec);
       return;
@@ -809,7 +815,7 @@ class WsTransport {
       this.lastRx = now();
       // What is wanted now, with the versions held now (both may have moved since start).
       this.update(client.desired());
-      this.heartbeat = setInterval(() => this.check(), Math.max(250, client.options.pingInterval / 4));
+      this.heartbeat = setInterval(() => this.check(), Math.max(50, client.options.pingInterval / 4));
       client.opened(this);
     };
     ws.onmessage = (ev) => {
@@ -1022,7 +1028,7 @@ class SseTransport {
     if (!cursor) {
       const versions = [];
       for (const [t, spec] of this.want.topics) if (spec.since) versions.push([t, spec.since]);
-      cursor = versions.length || client.sseBase != null ? buildCursor(versions, this.want.patterns.size ? client.sseBase : null) : null;
+      cursor = versions.length || client.sseBase != null ? buildCursor(versions, this.want.patterns.size ? client.sseBase : null, topics) : null;
     }
     this.url = url;
     this.topics = topics;
