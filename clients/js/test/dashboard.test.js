@@ -1,7 +1,7 @@
 // The dashboard and its endpoints with authentication on: the admin key is needed for the
 // stats topic and the topic listing; the page renders live numbers that match /stats; a
 // screenshot is taken (target-browser/dashboard.png; docs/dashboard.png with
-// TIDINGS_UPDATE_SCREENSHOT=1).
+// UPDATE_SCREENSHOT=1).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
@@ -172,7 +172,7 @@ test('the dashboard renders live numbers that match /stats, and browses a topic'
     mkdirSync(artifacts, { recursive: true });
     const shot = join(artifacts, 'dashboard.png');
     await page.screenshot({ path: shot });
-    if (process.env.TIDINGS_UPDATE_SCREENSHOT === '1') copyFileSync(shot, join(repo, 'docs', 'dashboard.png'));
+    if (process.env.UPDATE_SCREENSHOT === '1') copyFileSync(shot, join(repo, 'docs', 'dashboard.png'));
   } finally {
     for (const t of followers) t.close();
     await page.close();

@@ -13,8 +13,8 @@ const here = dirname(fileURLToPath(import.meta.url));
 export const repo = join(here, '..', '..', '..');
 
 export function binary() {
-  const bin = process.env.TIDINGS_BIN || join(process.env.CARGO_TARGET_DIR || join(repo, 'target'), 'debug', 'tidings');
-  if (!existsSync(bin)) throw new Error(`no gateway binary at ${bin}: run cargo build, or set TIDINGS_BIN`);
+  const bin = process.env.GATEWAY_BIN || join(process.env.CARGO_TARGET_DIR || join(repo, 'target'), 'debug', 'tidings');
+  if (!existsSync(bin)) throw new Error(`no gateway binary at ${bin}: run cargo build, or set GATEWAY_BIN`);
   return bin;
 }
 
@@ -43,8 +43,10 @@ export async function gateway({ listen = '127.0.0.1:0', env = {}, config } = {})
     writeFileSync(file, config);
     args.push('--config', file);
   }
+  // Every TIDINGS_* variable is a gateway setting: pass only the ones asked for.
+  const inherited = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('TIDINGS_')));
   const child = spawn(binary(), args, {
-    env: { ...process.env, TIDINGS_LOG: 'warn', ...env },
+    env: { ...inherited, TIDINGS_LOG: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
