@@ -217,3 +217,44 @@ test('1,000 random PUT and PATCH changes: the page holds the document and versio
     await gw.stop();
   }
 });
+
+test('a JWT through the subprotocol, refreshed with getToken before it expires: one connection throughout', async () => {
+  const { createHmac, createHash } = await import('node:crypto');
+  const secret = 'a-test-secret-that-is-long-enough-0123456789';
+  const admin = 'admin-key-0123456789abcdef0123456789abcdef';
+  const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
+  let minted = 0;
+  const mint = () => {
+    minted++;
+    const head = b64({ alg: 'HS256', typ: 'JWT' });
+    const body = b64({ sub: 'u1', exp: Math.floor(Date.now() / 1000) + 6, topics: ['runs:*'] });
+    const sig = createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url');
+    return `${head}.${body}.${sig}`;
+  };
+  const gw = await gateway({
+    config: `[auth]\nhmac_secret = "${secret}"\nleeway = 0\ntoken_expiring = "4s"\n[[auth.api_keys]]\nname = "ops"\nsha256 = "${createHash('sha256').update(admin).digest('hex')}"\npublish = ["**"]\nadmin = true\n`,
+  });
+  const pub = api(gw.url, admin);
+  const page = await clientPage(b, gw.url);
+  await page.exposeFunction('mint', mint);
+  try {
+    await page.evaluate(async () => {
+      window.t = new window.T(location.origin, { getToken: () => window.mint(), refreshBefore: 1 });
+      window.got = [];
+      await window.t.subscribe('runs:7', (m) => window.got.push(m)).ready;
+    });
+    assert.equal(await page.evaluate(() => window.t.transportName), 'websocket');
+    // Past the first token's expiry, twice over: each warning brought a refresh.
+    await until('two refreshes', () => minted >= 3, { timeout: 20000 });
+    assert.equal((await pub.publish('runs:7', { after: 'refresh' })).status, 202);
+    await until('the event', async () => (await offsets(page)).length === 1);
+    assert.equal(await page.evaluate(() => window.t.stats.connects), 1, 'never reconnected');
+    assert.equal((await pub.stats()).connections_closed.token_expired, 0);
+    // And the topic is not readable without one.
+    const refused = await api(gw.url).call('GET', '/v1/topics/runs:7/events');
+    assert.equal(refused.status, 401);
+  } finally {
+    await page.close();
+    await gw.stop();
+  }
+});
