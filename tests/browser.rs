@@ -34,7 +34,10 @@ fn missing() -> Vec<String> {
 /// Whether this Node has a global `WebSocket` without a flag (Node 22 and later).
 fn websocket_is_global() -> bool {
     Command::new("node")
-        .args(["-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"])
+        .args([
+            "-e",
+            "process.exit(typeof WebSocket === 'function' ? 0 : 1)",
+        ])
         .status()
         .is_ok_and(|s| s.success())
 }

@@ -44,7 +44,11 @@ struct Asset {
 }
 
 impl Asset {
-    const fn new(content_type: &'static str, cache_control: &'static str, body: &'static str) -> Asset {
+    const fn new(
+        content_type: &'static str,
+        cache_control: &'static str,
+        body: &'static str,
+    ) -> Asset {
         Asset {
             content_type,
             cache_control,
@@ -76,7 +80,11 @@ const SCRIPT_CACHE: &str = "public, max-age=300";
 const PAGE_CACHE: &str = "no-cache";
 const JS: &str = "text/javascript; charset=utf-8";
 
-static CLIENT_JS: Asset = Asset::new(JS, SCRIPT_CACHE, include_str!("../../clients/js/tidings.js"));
+static CLIENT_JS: Asset = Asset::new(
+    JS,
+    SCRIPT_CACHE,
+    include_str!("../../clients/js/tidings.js"),
+);
 static JSON_PATCH_JS: Asset = Asset::new(
     JS,
     SCRIPT_CACHE,
@@ -153,7 +161,10 @@ pub(crate) fn serve_asset<B>(req: &Request<B>, segments: &[&str]) -> Response<Fu
         *response.status_mut() = StatusCode::NOT_MODIFIED;
     }
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(asset.content_type),
+    );
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(asset.cache_control),
@@ -325,7 +336,10 @@ mod tests {
             let asset = asset(path).expect("an asset");
             assert!(!asset.body.is_empty(), "{path:?}");
             let tag = asset.etag().to_str().unwrap().to_owned();
-            assert!(tag.len() == 26 && tag.starts_with('"') && tag.ends_with('"'), "{tag}");
+            assert!(
+                tag.len() == 26 && tag.starts_with('"') && tag.ends_with('"'),
+                "{tag}"
+            );
         }
         assert!(asset(&["dashboard", "../Cargo.toml"]).is_none());
     }

@@ -203,7 +203,9 @@ impl Shard {
                 }
             }
             self.serve_pending(FANOUT_BUDGET);
-            self.shared.metrics.add_peer_meter(super::peer::take_meter());
+            self.shared
+                .metrics
+                .add_peer_meter(super::peer::take_meter());
             let now = self.now_tick();
             if now > self.wheel.now() {
                 self.on_tick(now);
