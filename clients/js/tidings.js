@@ -178,6 +178,9 @@ export function tokenExpiry(token) {
 
 const now = () => Date.now();
 
+/** Topics the client remembers versions of; past it the oldest unsubscribed ones go. */
+const MAX_RECORDS = 4096;
+
 // ---------------------------------------------------------------------------------------
 // What the client keeps per topic.
 
@@ -365,8 +368,18 @@ export class Tidings {
     if (!rec) {
       rec = new TopicRecord(name);
       this.topics.set(name, rec);
+      if (this.topics.size > MAX_RECORDS) this.prune();
     }
     return rec;
+  }
+
+  /** Forgets the oldest topics nothing subscribes to by name (seen through patterns, or
+   * unsubscribed), so a pattern over many topics cannot grow the client without bound. */
+  prune() {
+    for (const [name, rec] of this.topics) {
+      if (this.topics.size <= MAX_RECORDS / 2) break;
+      if (rec.subs.size === 0) this.topics.delete(name);
+    }
   }
 
   /** What the server side should hold now: exact topics (not closed, with a local
@@ -865,6 +878,8 @@ class WsTransport {
           this.pending.delete(msg.id);
           for (const t of req.topics) this.held.delete(t);
           for (const p of req.patterns) this.heldPatterns.delete(p);
+          client.emit('error', { ...msg, topics: req.topics, patterns: req.patterns });
+          return;
         }
         client.message(msg, this);
         return;
