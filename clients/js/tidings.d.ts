@@ -45,6 +45,9 @@ export interface Options {
   pollInterval?: number;
   maxLongPolls?: number;
   refreshBefore?: number;
+  /** 'header' (default: the WebSocket subprotocol, `Authorization` over SSE and polling)
+   * or 'query' (`?token=`; a JWT only, and URLs end up in proxies' logs). */
+  tokenIn?: 'header' | 'query';
   fallbackAfter?: number;
   /** A WebSocket class (default the global one). */
   WebSocket?: typeof WebSocket;

@@ -26,6 +26,9 @@ export const DEFAULTS = Object.freeze({
   maxLongPolls: 4,
   // Ask `getToken` for a new token this many seconds before the current one expires.
   refreshBefore: 60,
+  // Where a token travels: 'header' (the WebSocket subprotocol, `Authorization` over SSE
+  // and polling) or 'query' (`?token=`, for proxies that drop those; URLs end up in logs).
+  tokenIn: 'header',
   // Fall back to the next transport after this many attempts in a row that failed to
   // come up while the gateway answered HTTP (one refused upgrade may be a passing 503).
   fallbackAfter: 2,
@@ -810,9 +813,10 @@ class WsTransport {
 
   start() {
     const { client } = this;
-    const wsUrl = client.url.replace(/^http/, 'ws') + '/ws';
+    const inQuery = this.token && client.options.tokenIn === 'query';
+    const wsUrl = client.url.replace(/^http/, 'ws') + '/ws' + (inQuery ? `?token=${encodeURIComponent(this.token)}` : '');
     const protocols = ['tidings.v1'];
-    if (this.token) protocols.push(`tidings.token.${this.token}`);
+    if (this.token && !inQuery) protocols.push(`tidings.token.${this.token}`);
     let ws;
     try {
       ws = new client.WebSocket(wsUrl, protocols);
@@ -1048,12 +1052,14 @@ class SseTransport {
     this.url = url;
     this.topics = topics;
     this.abort = new AbortController();
-    const full = cursor ? `${url}&last_event_id=${encodeURIComponent(cursor)}` : url;
+    let full = cursor ? `${url}&last_event_id=${encodeURIComponent(cursor)}` : url;
+    const inQuery = this.token && client.options.tokenIn === 'query';
+    if (inQuery) full += `&token=${encodeURIComponent(this.token)}`;
     const openTimer = setTimeout(() => this.fail({ opened: this.isOpen, code: 'open_timeout' }), client.options.openTimeout);
     let res;
     try {
       res = await client.fetch(full, {
-        headers: httpHeaders(this.token, { Accept: 'text/event-stream' }),
+        headers: httpHeaders(inQuery ? null : this.token, { Accept: 'text/event-stream' }),
         cache: 'no-store',
         signal: this.abort.signal,
       });
@@ -1244,8 +1250,10 @@ class PollTransport {
   }
 
   async get(path, signal, extra) {
-    return this.client.fetch(`${this.client.url}${path}`, {
-      headers: httpHeaders(this.token, extra),
+    const inQuery = this.token && this.client.options.tokenIn === 'query';
+    const sep = path.includes('?') ? '&' : '?';
+    return this.client.fetch(`${this.client.url}${path}${inQuery ? `${sep}token=${encodeURIComponent(this.token)}` : ''}`, {
+      headers: httpHeaders(inQuery ? null : this.token, extra),
       cache: 'no-store',
       signal,
     });

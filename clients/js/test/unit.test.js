@@ -261,3 +261,12 @@ test('token_expiring asks getToken and sends refresh', async () => {
   assert.deepEqual(ws.last('refresh'), { type: 'refresh', token: 't2', id: ws.last('refresh').id });
   t.close();
 });
+
+test("tokenIn: 'query' puts the token in the WebSocket URL instead of the subprotocol", async () => {
+  const t = client({ token: 'a.b.c', tokenIn: 'query' });
+  t.subscribe('a', () => {});
+  await settle();
+  assert.equal(FakeSocket.all[0].url, 'ws://gw.test/ws?token=a.b.c');
+  assert.deepEqual(FakeSocket.all[0].protocols, ['tidings.v1']);
+  t.close();
+});
