@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::auth::AuthConfig;
+pub use crate::bus::BusConfig;
 
 /// Gateway settings. Each limit states the trade-off it makes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +188,9 @@ pub struct Config {
     /// environment). The default authenticates no one and lets everyone do everything,
     /// which [`Config::load`] accepts only on a loopback `listen` address.
     pub auth: AuthConfig,
+    /// How nodes share topics (`[bus]`; `TIDINGS_BUS_<KEY>` in the environment). The
+    /// default is one node on its own, with nothing shared and no Redis.
+    pub bus: BusConfig,
 }
 
 impl Default for Config {
@@ -235,6 +239,7 @@ impl Default for Config {
             max_poll_wait: Duration::from_secs(30),
             max_poll_waiters: 512,
             auth: AuthConfig::default(),
+            bus: BusConfig::default(),
         }
     }
 }
@@ -340,6 +345,8 @@ setters! {
     max_poll_waiters: usize,
     /// Sets [`Config::auth`].
     auth: AuthConfig,
+    /// Sets [`Config::bus`].
+    bus: BusConfig,
 }
 
 /// Where a setting came from; configuration errors name it.
@@ -575,21 +582,33 @@ pub(crate) fn open_beyond_loopback(addr: SocketAddr) -> String {
     )
 }
 
-/// Maps `auth_<key>` (from `TIDINGS_AUTH_<KEY>`) to the `auth` section's `<key>`; any
-/// other key stays as it is. A string setting takes the raw text (a secret of digits is
+/// Maps `auth_<key>` (from `TIDINGS_AUTH_<KEY>`) to the `auth` section's `<key>`, and
+/// `bus_<key>` to the `bus` section's; any other key stays as it is. A string setting takes the raw text (a secret of digits is
 /// still a string).
 fn nest_env(key: String, raw: &str) -> (String, toml::Value) {
-    if let Some(inner) = key.strip_prefix("auth_") {
-        let defaults = toml::Table::try_from(AuthConfig::default()).unwrap_or_default();
+    let sections = [
+        (
+            "auth",
+            toml::Table::try_from(AuthConfig::default()).unwrap_or_default(),
+        ),
+        (
+            "bus",
+            toml::Table::try_from(BusConfig::default()).unwrap_or_default(),
+        ),
+    ];
+    for (section, defaults) in sections {
+        let Some(inner) = key.strip_prefix(section).and_then(|k| k.strip_prefix('_')) else {
+            continue;
+        };
         if let Some(default) = defaults.get(inner) {
             let value = if default.is_str() && !is_duration(default) {
                 toml::Value::String(raw.to_owned())
             } else {
                 env_value(raw)
             };
-            let mut section = toml::Table::new();
-            section.insert(inner.to_owned(), value);
-            return ("auth".to_owned(), toml::Value::Table(section));
+            let mut table = toml::Table::new();
+            table.insert(inner.to_owned(), value);
+            return (section.to_owned(), toml::Value::Table(table));
         }
     }
     (key, env_value(raw))

@@ -36,6 +36,7 @@
 #![deny(missing_docs)]
 
 mod auth;
+mod bus;
 mod config;
 pub mod heartbeat;
 mod http;
@@ -49,6 +50,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use auth::{ApiKeyConfig, AuthConfig, IssuerConfig, Secret};
+pub use bus::{BusConfig, BusError, BusKind};
 pub use config::{Config, ConfigError, ConfigSource};
 pub use hub::{PollError, PublishError, Published, StateWritten, SubscribeError, TopicError};
 pub use metrics::{ClosedStats, Stats};
@@ -73,7 +75,7 @@ impl Gateway {
     /// threads.
     pub fn try_new(config: Config) -> std::io::Result<Gateway> {
         Ok(Gateway {
-            hub: Arc::new(hub::Hub::new(config)?),
+            hub: hub::Hub::new(config)?,
         })
     }
 
@@ -90,16 +92,14 @@ impl Gateway {
     /// [`PublishError::Overloaded`]; from async code prefer [`Gateway::publish_async`].
     pub fn publish(&self, topic: &str, json: &[u8]) -> Result<Published, PublishError> {
         let range = self.hub.check_publication(json)?;
-        let admitted = self.hub.admit_blocking(topic, range.len())?;
-        self.hub.publish(admitted, &json[range])
+        self.hub.publish_value_blocking(topic, &json[range])
     }
 
     /// As [`Gateway::publish`], waiting for room in the publish queues without blocking the
     /// thread.
     pub async fn publish_async(&self, topic: &str, json: &[u8]) -> Result<Published, PublishError> {
         let range = self.hub.check_publication(json)?;
-        let admitted = self.hub.admit(topic, range.len()).await?;
-        self.hub.publish(admitted, &json[range])
+        self.hub.publish_value(topic, &json[range]).await
     }
 
     /// A snapshot of the gateway's counters (the body of `GET /stats`).

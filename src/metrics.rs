@@ -92,6 +92,20 @@ pub struct Metrics {
     poll_waiters: Gauge,
     sse_streams: Gauge,
     bytes_out: Counter,
+    bus: BusMetrics,
+}
+
+/// What the shared bus reports (all zero on a local bus); the engine holds a clone.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BusMetrics {
+    /// 1 while Redis does not answer.
+    pub degraded: Gauge,
+    /// Topics this node follows now.
+    pub followed: Gauge,
+    /// Gaps filled from the engine's history.
+    pub gaps_filled: Counter,
+    /// Topics loaded from the engine (first subscribers, reconnects, new epochs).
+    pub reloads: Counter,
 }
 
 impl Default for Metrics {
@@ -119,6 +133,27 @@ impl Default for Metrics {
             "bytes_out",
             "Bytes written to WebSocket and SSE sockets",
             bytes_out.clone(),
+        );
+        let bus = BusMetrics::default();
+        registry.register(
+            "bus_degraded",
+            "1 while this node's Redis bus does not answer (writes refused, /readyz failing)",
+            bus.degraded.clone(),
+        );
+        registry.register(
+            "bus_followed_topics",
+            "Topics this node follows on the Redis bus now",
+            bus.followed.clone(),
+        );
+        registry.register(
+            "bus_gaps_filled",
+            "Gaps in a topic's offsets filled from Redis before delivery",
+            bus.gaps_filled.clone(),
+        );
+        registry.register(
+            "bus_reloads",
+            "Topics loaded from Redis: first subscribers, reconnects, new epochs",
+            bus.reloads.clone(),
         );
         registry.register(
             "long_polls_waiting",
@@ -191,6 +226,7 @@ impl Default for Metrics {
             poll_waiters,
             sse_streams,
             bytes_out,
+            bus,
         }
     }
 }
@@ -240,6 +276,11 @@ impl Metrics {
         self.poll_waiters.set(n as i64);
     }
 
+    /// The bus's counters, for the engine to update.
+    pub(crate) fn bus(&self) -> &BusMetrics {
+        &self.bus
+    }
+
     pub(crate) fn topic_created(&self) {
         self.topics.inc();
     }
@@ -283,6 +324,10 @@ impl Metrics {
             long_polls_waiting: self.poll_waiters.get().max(0) as u64,
             sse_streams: self.sse_streams.get().max(0) as u64,
             bytes_out: self.bytes_out.get(),
+            bus_degraded: self.bus.degraded.get() > 0,
+            bus_followed_topics: self.bus.followed.get().max(0) as u64,
+            bus_gaps_filled: self.bus.gaps_filled.get(),
+            bus_reloads: self.bus.reloads.get(),
         }
     }
 
@@ -539,6 +584,14 @@ pub struct Stats {
     pub sse_streams: u64,
     /// Bytes written to WebSocket and SSE sockets since start.
     pub bytes_out: u64,
+    /// Whether this node's Redis bus does not answer now (always false on a local bus).
+    pub bus_degraded: bool,
+    /// Topics this node follows on the Redis bus now.
+    pub bus_followed_topics: u64,
+    /// Gaps in offsets filled from Redis since start.
+    pub bus_gaps_filled: u64,
+    /// Topics loaded from Redis since start.
+    pub bus_reloads: u64,
 }
 
 /// Ended connections by reason.

@@ -311,7 +311,16 @@ async fn unknown_route_is_404_not_found_and_healthz_is_ok() {
         .assert_error(404, "not_found");
     let health = http_get(gw.addr, "/healthz").await;
     assert_eq!(health.status, 200);
-    assert_eq!(health.json(), serde_json::json!({"status": "ok"}));
+    assert_eq!(
+        health.json(),
+        serde_json::json!({"status": "ok", "bus": "local"})
+    );
+    let ready = http_get(gw.addr, "/readyz").await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(
+        ready.json(),
+        serde_json::json!({"status": "ok", "bus": "local"})
+    );
 }
 
 #[tokio::test]

@@ -104,8 +104,30 @@ async fn routes(
         s if dashboard::is_asset(s) => dashboard::serve_asset(&req, s),
         ["v1", "topics"] => dashboard::list_topics(hub, &req).await,
         ["healthz"] => match *req.method() {
+            // Liveness: the process serves. A node whose bus does not answer still serves
+            // its connected clients, and says so.
             Method::GET | Method::HEAD => {
-                json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+                let status = if hub.is_ready() { "ok" } else { "degraded" };
+                json_response(StatusCode::OK, &health_body(hub, status))
+            }
+            _ => method_not_allowed("GET"),
+        },
+        ["readyz"] => match *req.method() {
+            // Readiness: whether a load balancer should send new work here.
+            Method::GET | Method::HEAD => {
+                if hub.is_shutting_down() {
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &health_body(hub, "shutting_down"),
+                    )
+                } else if hub.is_ready() {
+                    json_response(StatusCode::OK, &health_body(hub, "ok"))
+                } else {
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &health_body(hub, "degraded"),
+                    )
+                }
             }
             _ => method_not_allowed("GET"),
         },
@@ -158,7 +180,7 @@ async fn routes(
             let topic = percent_decode(topic);
             match *req.method() {
                 Method::GET => match guard::read(hub, &req, &topic).await {
-                    Ok(_) => get_state(hub, &topic, &req),
+                    Ok(_) => get_state(hub, &topic, &req).await,
                     Err(refused) => refused,
                 },
                 Method::PUT => put_state(hub, &topic, req).await,
@@ -174,7 +196,7 @@ async fn routes(
                     Ok(()) if crate::topic::is_reserved(&topic) => {
                         dashboard::refuse_reserved_write(&topic).unwrap_or_default()
                     }
-                    Ok(()) => match hub.close_topic(&topic) {
+                    Ok(()) => match hub.close_topic_value(&topic).await {
                         Ok(version) => json_response(
                             StatusCode::OK,
                             &serde_json::json!({"topic": topic, "version": version, "status": "closed"}),
@@ -210,11 +232,7 @@ async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Ful
         Ok(range) => range,
         Err(e) => return publish_error(&e),
     };
-    let published = match hub.admit(topic, range.len()).await {
-        Ok(admitted) => hub.publish(admitted, &body[range]),
-        Err(e) => Err(e),
-    };
-    match published {
+    match hub.publish_value(topic, &body[range]).await {
         Ok(published) => json_response(
             StatusCode::ACCEPTED,
             &PublishedBody {
@@ -255,6 +273,7 @@ pub(crate) fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
                 *retry_after,
             );
         }
+        PublishError::Bus(e) => return bus_error(e),
         PublishError::Topic(TopicError::TooManyTopics { .. }) => {
             return with_retry_after(
                 error_response(
@@ -347,7 +366,7 @@ async fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<
             _ => {}
         }
     }
-    let polled = if wait.is_zero() {
+    let polled = if wait.is_zero() && hub.bus().is_none() {
         hub.poll(topic, &since, limit).map(|body| (body, false))
     } else {
         // Shutdown answers a waiting poller at once with what there is.
@@ -391,8 +410,34 @@ async fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<
             ),
             TOO_MANY_TOPICS_RETRY_AFTER,
         ),
+        Err(PollError::Bus(e)) => bus_error(&e),
     }
 }
+
+/// `{"status": ..., "bus": ...}` for `/healthz` and `/readyz`.
+fn health_body(hub: &Hub, status: &str) -> serde_json::Value {
+    let bus = match hub.bus() {
+        None => "local",
+        Some(bus) if bus.is_healthy() => "redis",
+        Some(_) => "redis_unavailable",
+    };
+    serde_json::json!({"status": status, "bus": bus})
+}
+
+/// The answer while the shared bus does not take requests: `503` with `Retry-After`.
+fn bus_error(e: &crate::BusError) -> Response<Full<Bytes>> {
+    let code = match e {
+        crate::BusError::Unavailable(_) => "bus_unavailable",
+        crate::BusError::Contended => "state_contended",
+    };
+    with_retry_after(
+        error_response(StatusCode::SERVICE_UNAVAILABLE, code, &e.to_string()),
+        BUS_RETRY_AFTER,
+    )
+}
+
+/// What a `bus_unavailable` refusal tells the client to wait before retrying.
+const BUS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A poll page as a `200` with its `ETag`.
 fn poll_page_response(body: Vec<u8>, etag: HeaderValue) -> Response<Full<Bytes>> {
@@ -450,8 +495,8 @@ fn not_modified(etag: HeaderValue) -> Response<Full<Bytes>> {
 
 /// `GET /v1/topics/{topic}/state`: the document, its version and an `ETag` (the version),
 /// or `304` when `If-None-Match` names it.
-fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    match hub.state(topic) {
+async fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match hub.state_value(topic).await {
         Ok(Some((version, json))) => {
             let etag = HeaderValue::from_str(&version.etag()).ok();
             if let Some(etag) = etag.as_ref()
@@ -484,7 +529,7 @@ fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<B
             "no_state",
             &format!("topic {topic} holds no state document"),
         ),
-        Err(e) => error_response(StatusCode::BAD_REQUEST, "invalid_topic", &e.to_string()),
+        Err(e) => publish_error(&e),
     }
 }
 
@@ -509,11 +554,10 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
         Ok(document) => document,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()),
     };
-    let written = match hub.admit(topic, body.len()).await {
-        Ok(admitted) => hub.put_state(admitted, document, if_match.as_deref()),
-        Err(e) => Err(e),
-    };
-    state_written(written)
+    state_written(
+        hub.put_state_value(topic, document, if_match.as_deref())
+            .await,
+    )
 }
 
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
@@ -547,11 +591,10 @@ async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response
     if let Err(e) = hub.check_publication(&body) {
         return publish_error(&e);
     }
-    let written = match hub.admit(topic, body.len()).await {
-        Ok(admitted) => hub.patch_state(admitted, &body, if_match.as_deref()),
-        Err(e) => Err(e),
-    };
-    state_written(written)
+    state_written(
+        hub.patch_state_value(topic, &body, if_match.as_deref())
+            .await,
+    )
 }
 
 fn if_match(req: &Request<Incoming>) -> Option<String> {

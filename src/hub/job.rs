@@ -40,6 +40,23 @@ pub(crate) enum Job {
     },
     /// Drop every peer at once (the shutdown deadline passed).
     DropAll,
+    /// A topic was loaded from the shared bus: answer the subscription requests that
+    /// waited for it.
+    Loaded,
+    /// A shared bus's history after a version: answer the resumes that waited for it.
+    Backfill(Arc<Backfill>),
+}
+
+/// A topic's history after `from`, read from the shared bus for resumes that reach further
+/// back than this node's history (encoded once, shared by every shard).
+#[derive(Debug)]
+pub(crate) struct Backfill {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The version the resumes start after.
+    pub from: crate::topic::Version,
+    /// The entries after it, in order (none if the engine's epoch differs).
+    pub entries: Vec<crate::topic::Entry>,
 }
 
 /// A new peer's transport and what it subscribes to at once.
@@ -84,6 +101,9 @@ pub(crate) struct Shared {
     pub auth: Arc<Auth>,
     /// The publish queues' bound.
     pub backlog: Arc<Backlog>,
+    /// With a shared bus: tells it which topics and patterns this node needs. The shards
+    /// only report interest; they never call the bus.
+    pub interest: Option<super::cluster::Interest>,
     /// Peers open or being set up.
     pub open: AtomicUsize,
     /// Signalled whenever a peer ends, for shutdown's drain.
@@ -106,7 +126,7 @@ impl Shared {
 }
 
 /// The hub's end of one shard: its job channel and the waker that interrupts its poll.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ShardHandle {
     pub jobs: Sender<Job>,
     pub waker: Arc<mio::Waker>,

@@ -6,6 +6,7 @@
 //! each shard keeps publication order.
 
 mod backlog;
+mod cluster;
 mod job;
 mod outbox;
 mod peer;
@@ -21,6 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use bytes::Bytes;
 
 use crate::Config;
+use crate::bus::redis::{Node, RedisBus};
+use crate::bus::{BusError, BusKind};
 use crate::metrics::{CloseReason, Metrics};
 use crate::proto::CloseCode;
 use crate::proto::json::JsonLimitError;
@@ -70,6 +73,10 @@ pub enum PublishError {
     /// The topic refused the change (closed, wrong kind, precondition, patch).
     #[error(transparent)]
     Topic(#[from] TopicError),
+    /// The shared bus (Redis) did not take the write: retry after `Retry-After`. After a
+    /// timeout the write may still have been applied.
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
 /// The result of writing a state document.
@@ -150,6 +157,8 @@ impl SubscribeError {
 #[derive(Debug)]
 pub(crate) struct Hub {
     shared: Arc<Shared>,
+    /// The shared bus, unless this node is alone (`bus.kind = "local"`).
+    bus: Option<Arc<RedisBus>>,
     /// Long-polls waiting now (`max_poll_waiters`).
     poll_waiters: AtomicUsize,
     shards: Vec<ShardHandle>,
@@ -158,7 +167,9 @@ pub(crate) struct Hub {
 
 impl Hub {
     /// Creates the hub and starts its shard threads; they stop when the hub is dropped.
-    pub fn new(config: Config) -> std::io::Result<Hub> {
+    /// With `bus.kind = "redis"` it connects to Redis first, and fails if Redis does not
+    /// answer.
+    pub fn new(config: Config) -> std::io::Result<Arc<Hub>> {
         let threads = match config.fanout_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -181,12 +192,18 @@ impl Hub {
         let backlog = Backlog::new(config.publish_queue_bytes, config.topic_queue_len.max(1));
         let auth = crate::auth::Auth::from_config(&config.auth)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let metrics = Metrics::default();
+        let bus = match config.bus.kind {
+            BusKind::Local => None,
+            BusKind::Redis => Some(RedisBus::connect(&config.bus, metrics.bus().clone())?),
+        };
         let shared = Arc::new(Shared {
             config,
-            metrics: Metrics::default(),
-            topics: Topics::new(limits),
+            metrics,
+            topics: Topics::with_bus(limits, bus.is_some()),
             auth: Arc::new(auth),
             backlog,
+            interest: bus.clone().map(cluster::Interest::new),
             open: AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
@@ -202,12 +219,34 @@ impl Hub {
                 .spawn(move || shard.run())?;
             shards.push(ShardHandle { jobs: tx, waker });
         }
-        Ok(Hub {
+        let hub = Arc::new(Hub {
             shared,
+            bus,
             poll_waiters: AtomicUsize::new(0),
             shards,
             next_shard: AtomicUsize::new(0),
-        })
+        });
+        if let Some(bus) = &hub.bus {
+            let node: std::sync::Weak<dyn Node> = Arc::downgrade(&hub) as std::sync::Weak<dyn Node>;
+            bus.serve(node);
+        }
+        Ok(hub)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.is_shutting_down()
+    }
+
+    /// The shared bus, if this node has one.
+    pub fn bus(&self) -> Option<&Arc<RedisBus>> {
+        self.bus.as_ref()
+    }
+
+    /// Whether the node can take writes: always on a local bus; with a shared one, while
+    /// Redis answers.
+    pub fn is_ready(&self) -> bool {
+        self.bus.as_ref().is_none_or(|b| b.is_healthy())
     }
 
     /// Authentication and authorization, built from `config.auth`.
@@ -463,7 +502,8 @@ impl Hub {
         let mut place: Option<Waiter<'_>> = None;
         loop {
             let current = self.poll_topic(topic)?;
-            let _waiting = Poller::enter(&current);
+            let _waiting = Poller::enter(self, &current);
+            self.ensure_loaded(&current).await?;
             let notified = current.changed.notified();
             tokio::pin!(notified);
             // Registered before looking, so a publication in between is not missed.
@@ -666,6 +706,9 @@ impl Hub {
 
 impl Drop for Hub {
     fn drop(&mut self) {
+        if let Some(bus) = &self.bus {
+            bus.stop();
+        }
         // Disconnect each shard's channel, then wake it to notice and exit.
         for ShardHandle { jobs, waker } in std::mem::take(&mut self.shards) {
             drop(jobs);
@@ -700,6 +743,9 @@ pub enum PollError {
     /// The topic is unknown and the gateway holds `max_topics` topics.
     #[error("the gateway holds {0} topics, its limit")]
     TooManyTopics(usize),
+    /// The shared bus could not load the topic: retry later.
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
 impl From<StateError> for PublishError {
@@ -735,19 +781,21 @@ impl Drop for Waiter<'_> {
     }
 }
 
-/// One long-poll waiting on a topic, counted while it lives.
-struct Poller<'a>(&'a Topic);
+/// One poll reading or waiting on a topic, counted while it lives (a shared bus follows
+/// the topic meanwhile).
+struct Poller<'a>(&'a Hub, &'a Topic);
 
 impl<'a> Poller<'a> {
-    fn enter(topic: &'a Topic) -> Poller<'a> {
+    fn enter(hub: &'a Hub, topic: &'a Topic) -> Poller<'a> {
         topic.pollers.fetch_add(1, Ordering::SeqCst);
-        Poller(topic)
+        Poller(hub, topic)
     }
 }
 
 impl Drop for Poller<'_> {
     fn drop(&mut self) {
-        self.0.pollers.fetch_sub(1, Ordering::SeqCst);
+        self.1.pollers.fetch_sub(1, Ordering::SeqCst);
+        self.0.poll_ended(self.1);
     }
 }
 

@@ -12,14 +12,14 @@ use bytes::Bytes;
 use super::SubscribeError;
 use super::job::Shared;
 use super::peer::{Admit, Peer, Subscription};
-use super::topics::Content;
+use super::topics::{Content, TopicState};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::message::{
     ClientMessage, ServerMessage, SubscriptionRequest, TopicVersions, now_ms, parse_client,
 };
 use crate::proto::versioned::{encode_closed, encode_history_truncated};
-use crate::topic::index::{Index, SlotId, Sub};
+use crate::topic::index::{Index, Opening, SlotId, Sub};
 use crate::topic::{Filter, Pattern, Since, Version, validate_topic};
 
 /// Serves one protocol request; failures answer with `error` and keep the connection.
@@ -55,7 +55,11 @@ pub(super) fn serve(
         Err(e) => error_frame(e.code(), &e.to_string(), None),
         Ok(ClientMessage::Subscribe(req)) => {
             match subscribe(conn, slot, index, shared, &req, None) {
-                Ok(Opened { frames, marks }) => {
+                Ok(Opened {
+                    frames,
+                    waiting,
+                    marks,
+                }) => {
                     let ack = ServerMessage::Subscribed {
                         id: req.id.as_ref(),
                         topics: &req.topics,
@@ -63,6 +67,14 @@ pub(super) fn serve(
                         versions: &TopicVersions::of(&marks),
                         ts: now_ms(),
                     };
+                    if let Some(topics) = waiting {
+                        index.wait(Opening {
+                            slot,
+                            topics,
+                            ack: Some(ack.to_frame()),
+                        });
+                        return;
+                    }
                     // Acknowledge first; snapshots and replays follow, then live frames.
                     conn.send(ack.to_frame());
                     for frame in frames {
@@ -155,6 +167,9 @@ pub(super) struct Opened {
     pub frames: Vec<Bytes>,
     /// Each new exact topic and its version when it was attached.
     pub marks: Vec<(Arc<str>, Version)>,
+    /// With a shared bus: the new topics wait for this node to load some of them, and the
+    /// whole request is answered when they are (see [`Opening`]); the caller records it.
+    pub waiting: Option<Vec<(Arc<str>, Option<Version>)>>,
 }
 
 /// Most topics an SSE pattern stream's resume replays (the registry scan stops there).
@@ -263,12 +278,33 @@ pub(super) fn subscribe(
     conn.subscriptions
         .reserve_exact(new_topics.len() + new_patterns.len());
     let mut opened = Opened::default();
+    if shared.interest.is_some()
+        && new_topics.iter().any(|t| {
+            shared
+                .topics
+                .get(t)
+                .is_none_or(|topic| !topic.state.lock().synced)
+        })
+    {
+        // Some topic is not followed here yet: every topic of the request waits for the
+        // loads, so the answer (acknowledgement, snapshots, replays) comes whole, and
+        // "subscribed" still means that every later publication will be delivered.
+        let mut waiting = Vec::with_capacity(new_topics.len());
+        for t in new_topics.drain(..) {
+            let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
+            let name = hold(conn, slot, index, shared, t, filter.clone())?;
+            waiting.push((name, from));
+        }
+        opened.waiting = Some(waiting);
+    }
     for t in new_topics {
         let from = since.iter().find(|(name, _)| name == t).map(|(_, v)| *v);
         match attach(conn, slot, index, shared, t, from, filter.clone()) {
             Ok((attached, version)) => {
                 opened.frames.extend(attached);
-                if let Some(Subscription::Topic(name)) = conn.subscriptions.last() {
+                if let (Some(Subscription::Topic(name)), Some(version)) =
+                    (conn.subscriptions.last(), version)
+                {
                     opened.marks.push((name.clone(), version));
                 }
             }
@@ -292,6 +328,9 @@ pub(super) fn subscribe(
         );
     }
     for p in new_patterns {
+        if let Some(interest) = &shared.interest {
+            interest.follow_pattern(&p);
+        }
         index.add_pattern(
             &p,
             Sub {
@@ -365,7 +404,10 @@ fn replay_patterns(
     }
 }
 
-/// Adds one topic subscription; returns what the client needs before live publications.
+/// Adds one topic subscription; returns what the client needs before live publications
+/// and the version it starts from. With a shared bus, a topic this node does not follow yet
+/// is loaded first: the subscription waits in the index (it gets nothing meanwhile) and is
+/// attached by [`attach_waiting`] once the topic is loaded; the version is then `None`.
 pub(super) fn attach(
     conn: &mut Peer,
     slot: SlotId,
@@ -374,10 +416,8 @@ pub(super) fn attach(
     name: &str,
     since: Option<Version>,
     filter: Option<Arc<Filter>>,
-) -> Result<(Vec<Bytes>, Version), SubscribeError> {
-    let mut frames: Vec<Bytes> = Vec::new();
-    let after;
-    let (topic, at) = loop {
+) -> Result<(Vec<Bytes>, Option<Version>), SubscribeError> {
+    let (topic, frames, after, at) = loop {
         let topic = shared
             .topics
             .get_or_create(name, || shared.metrics.topic_created())
@@ -388,55 +428,32 @@ pub(super) fn attach(
             continue;
         }
         // Counted under the lock the sweep holds while it checks for subscribers.
-        topic
+        let before = topic
             .subscribers
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let state = &mut *guard;
-        let version = state.history.version();
-        let mut mark = version.offset;
-        let passes =
-            |e: &&crate::topic::Entry| filter.as_ref().is_none_or(|f| f.matches_fields(e.fields()));
-        match (&mut state.content, since) {
-            (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
-                Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
-                _ => frames.push(doc.snapshot(name)),
-            },
-            (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
-                Since::Replay(entries) => {
-                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
-                }
-                since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
-                    // Ahead (a version this history never reached): treat it as lost
-                    // and send everything history has, as for a truncated one.
-                    let (first, entries) = match since {
-                        Since::Truncated {
-                            first_available,
-                            entries,
-                        } => (first_available, entries),
-                        _ => (state.history.first_available(), state.history.iter()),
-                    };
-                    let first = Version::new(version.epoch, first);
-                    frames.push(encode_history_truncated(
-                        name,
-                        Some(from.to_buf().as_str()),
-                        first.to_buf().as_str(),
-                        version.to_buf().as_str(),
-                        now_ms(),
-                    ));
-                    frames.extend(entries.filter(passes).map(|e| e.frame.clone()));
-                }
-            },
-            (Content::Events | Content::Empty, None) => {}
+        if before == 0
+            && let Some(interest) = &shared.interest
+        {
+            interest.follow(&topic.name);
         }
-        if state.closed {
-            frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
-            // The `closed` publication may still be on its way to this shard: it is sent
-            // here already, so nothing after this point is.
-            mark = u64::MAX;
+        if !guard.synced {
+            drop(guard);
+            index.wait(Opening {
+                slot,
+                topics: vec![(topic.name.clone(), since)],
+                ack: None,
+            });
+            break (topic, Vec::new(), u64::MAX, None);
         }
-        after = mark;
+        let deep = shared.interest.is_some();
+        let Some((frames, after)) = replay(&mut guard, name, since, filter.as_deref(), deep) else {
+            drop(guard);
+            deep_resume(index, shared, &topic.name, slot, since);
+            break (topic, Vec::new(), u64::MAX, None);
+        };
+        let version = guard.history.version();
         drop(guard);
-        break (topic, version);
+        break (topic, frames, after, Some(version));
     };
     index.add_topic(
         &topic.name,
@@ -449,6 +466,210 @@ pub(super) fn attach(
     conn.subscriptions
         .push(Subscription::Topic(topic.name.clone()));
     Ok((frames, at))
+}
+
+/// Adds a topic subscription that waits for the topic to load: in the index at
+/// `u64::MAX` (nothing is sent to it yet), counted as a subscriber, so the bus follows it.
+fn hold(
+    conn: &mut Peer,
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    name: &str,
+    filter: Option<Arc<Filter>>,
+) -> Result<Arc<str>, SubscribeError> {
+    let topic = loop {
+        let topic = shared
+            .topics
+            .get_or_create(name, || shared.metrics.topic_created())
+            .map_err(|_| SubscribeError::TooManyTopics(shared.topics.limits().max_topics))?;
+        let guard = topic.state.lock();
+        if guard.retired {
+            continue;
+        }
+        let before = topic
+            .subscribers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(guard);
+        if before == 0
+            && let Some(interest) = &shared.interest
+        {
+            interest.follow(&topic.name);
+        }
+        break topic;
+    };
+    index.add_topic(
+        &topic.name,
+        Sub {
+            slot,
+            after: u64::MAX,
+            filter,
+        },
+    );
+    conn.subscriptions
+        .push(Subscription::Topic(topic.name.clone()));
+    Ok(topic.name.clone())
+}
+
+/// Attaches a subscription that waited for its topic to load (see [`attach`]): what it
+/// needs before live publications, and the version it starts from (none yet for a deep
+/// resume, which waits on). `None` if the topic is gone (its subscriber holds it, so only
+/// a bug could make it so).
+pub(super) fn attach_waiting(
+    slot: SlotId,
+    index: &mut Index,
+    shared: &Shared,
+    name: &str,
+    since: Option<Version>,
+) -> Option<(Vec<Bytes>, Option<Version>)> {
+    let topic = shared.topics.get(name)?;
+    let mut guard = topic.state.lock();
+    if guard.retired {
+        return None;
+    }
+    let filter = index.filter_of(name, slot);
+    let Some((frames, after)) = replay(&mut guard, name, since, filter.as_deref(), true) else {
+        drop(guard);
+        deep_resume(index, shared, &topic.name, slot, since);
+        return Some((Vec::new(), None));
+    };
+    let version = guard.history.version();
+    drop(guard);
+    index.set_after(name, slot, after);
+    Some((frames, Some(version)))
+}
+
+/// Asks the engine for `topic`'s history after `since` for `slot`'s subscription, which
+/// stays held (nothing is sent to it) until [`replay_backfilled`] answers it.
+fn deep_resume(
+    index: &mut Index,
+    shared: &Shared,
+    topic: &Arc<str>,
+    slot: SlotId,
+    since: Option<Version>,
+) {
+    if let (Some(interest), Some(from)) = (&shared.interest, since) {
+        index.wait_backfill(topic, slot, from);
+        interest.backfill(topic, from);
+    }
+}
+
+/// What a new subscriber of a topic needs before live publications (under the topic's
+/// lock), and the offset after which publications are live for it.
+///
+/// With `deep` (a shared bus) a resume that this node's history no longer covers, but that
+/// is of the topic's epoch, answers `None`: the engine's longer history is asked for it
+/// ([`replay_backfilled`] answers then).
+fn replay(
+    state: &mut TopicState,
+    name: &str,
+    since: Option<Version>,
+    filter: Option<&Filter>,
+    deep: bool,
+) -> Option<(Vec<Bytes>, u64)> {
+    let version = state.history.version();
+    if deep
+        && let Some(from) = since
+        && from.epoch == version.epoch
+        && from.offset <= version.offset
+        && matches!(state.content, Content::Events)
+        && !state.history.since(from.offset).is_exact()
+    {
+        return None;
+    }
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut mark = version.offset;
+    let passes = |e: &&crate::topic::Entry| filter.is_none_or(|f| f.matches_fields(e.fields()));
+    match (&mut state.content, since) {
+        (Content::State(doc), since) => match since.map(|v| state.history.resume(v)) {
+            Some(Since::Replay(entries)) => frames.extend(entries.map(|e| e.frame.clone())),
+            _ => frames.push(doc.snapshot(name)),
+        },
+        (Content::Events | Content::Empty, Some(from)) => match state.history.resume(from) {
+            Since::Replay(entries) => {
+                frames.extend(entries.filter(passes).map(|e| e.frame.clone()))
+            }
+            since @ (Since::Truncated { .. } | Since::Ahead { .. }) => {
+                // Ahead (a version this history never reached): treat it as lost
+                // and send everything history has, as for a truncated one.
+                let (first, entries) = match since {
+                    Since::Truncated {
+                        first_available,
+                        entries,
+                    } => (first_available, entries),
+                    _ => (state.history.first_available(), state.history.iter()),
+                };
+                let first = Version::new(version.epoch, first);
+                frames.push(encode_history_truncated(
+                    name,
+                    Some(from.to_buf().as_str()),
+                    first.to_buf().as_str(),
+                    version.to_buf().as_str(),
+                    now_ms(),
+                ));
+                frames.extend(entries.filter(passes).map(|e| e.frame.clone()));
+            }
+        },
+        (Content::Events | Content::Empty, None) => {}
+    }
+    if state.closed {
+        frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
+        // The `closed` publication may still be on its way to this shard: it is sent
+        // here already, so nothing after this point is.
+        mark = u64::MAX;
+    }
+    Some((frames, mark))
+}
+
+/// A deep resume (see [`replay`]) once the engine's history after `from` arrived: those
+/// entries up to where this node's history starts, then the node's own; `history_truncated`
+/// first if the engine's history does not reach back to `from` either. If the two do not
+/// join up (the node's history moved on meanwhile), it is answered as any truncated resume
+/// from this node's history: never a silent skip.
+pub(super) fn replay_backfilled(
+    state: &mut TopicState,
+    name: &str,
+    from: Version,
+    backfill: &[crate::topic::Entry],
+    filter: Option<&Filter>,
+) -> (Vec<Bytes>, u64) {
+    let version = state.history.version();
+    let local_first = state
+        .history
+        .iter()
+        .next()
+        .map_or(version.offset + 1, |e| e.offset);
+    let older: Vec<&crate::topic::Entry> = backfill
+        .iter()
+        .filter(|e| e.offset > from.offset && e.offset < local_first)
+        .collect();
+    let first = older.first().map_or(local_first, |e| e.offset);
+    let joins = from.epoch == version.epoch
+        && older.last().map_or(local_first, |e| e.offset + 1) == local_first
+        && older.windows(2).all(|w| w[1].offset == w[0].offset + 1);
+    if !joins {
+        return replay(state, name, Some(from), filter, false).unwrap_or_default();
+    }
+    let passes = |e: &&crate::topic::Entry| filter.is_none_or(|f| f.matches_fields(e.fields()));
+    let mut frames = Vec::new();
+    if first > from.offset + 1 {
+        // The engine's history does not reach back that far either.
+        frames.push(encode_history_truncated(
+            name,
+            Some(from.to_buf().as_str()),
+            Version::new(version.epoch, first).to_buf().as_str(),
+            version.to_buf().as_str(),
+            now_ms(),
+        ));
+    }
+    frames.extend(older.into_iter().filter(passes).map(|e| e.frame.clone()));
+    frames.extend(state.history.iter().filter(passes).map(|e| e.frame.clone()));
+    let mut mark = version.offset;
+    if state.closed {
+        frames.push(encode_closed(name, version.to_buf().as_str(), now_ms()));
+        mark = u64::MAX;
+    }
+    (frames, mark)
 }
 
 /// `resync`: sends again what the client missed on a subscribed topic since `last_version`.
@@ -517,6 +738,7 @@ pub(super) fn unsubscribe(
         }
         Subscription::Pattern(p) if parsed.contains(p) => {
             index.remove_pattern(p, slot);
+            unfollow_pattern(shared, p);
             false
         }
         _ => true,
@@ -524,11 +746,24 @@ pub(super) fn unsubscribe(
     Ok(())
 }
 
-/// Counts one subscriber of `topic` gone.
+/// Counts one subscriber of `topic` gone; the last one on this node stops the node
+/// following it on a shared bus.
 pub(super) fn detach(shared: &Shared, topic: &str) {
     if let Some(topic) = shared.topics.get(topic) {
-        topic
+        let before = topic
             .subscribers
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if before == 1
+            && let Some(interest) = &shared.interest
+        {
+            interest.unfollow(&topic.name);
+        }
+    }
+}
+
+/// One pattern subscription gone: a shared bus stops listening for it once none is left.
+pub(super) fn unfollow_pattern(shared: &Shared, pattern: &Pattern) {
+    if let Some(interest) = &shared.interest {
+        interest.unfollow_pattern(pattern);
     }
 }

@@ -17,9 +17,12 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::job::Backfill;
 use super::job::{Job, Open, Shared, SseOpen};
 use super::peer::{Access, Delivery, Peer, RateLimiter, Received, Subscription, Transport};
-use super::requests::{detach, error_frame, serve, subscribe};
+use super::requests::{
+    attach_waiting, detach, error_frame, replay_backfilled, serve, subscribe, unfollow_pattern,
+};
 use super::sse::SseStream;
 use super::topics::{Content, Publication};
 use crate::heartbeat::{self, Wheel};
@@ -30,7 +33,7 @@ use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
 use crate::proto::session::{Due, Mode, Output, Phase, Session, Timing};
 use crate::proto::sse;
 use crate::proto::versioned::encode_closed;
-use crate::topic::index::{Index, SlotId};
+use crate::topic::index::{Index, Opening, SlotId};
 use crate::topic::{EventFields, Version};
 
 /// The token of the shard's waker; connection tokens are slab keys.
@@ -234,6 +237,90 @@ impl Shard {
                 }
             }
             Job::DropAll => self.drop_all(CloseReason::Shutdown),
+            Job::Loaded => self.on_loaded(),
+            Job::Backfill(backfill) => self.on_backfill(&backfill),
+        }
+    }
+
+    /// A topic was loaded from the shared bus: the subscription requests that waited for
+    /// it (and for nothing else still loading) are answered now. Each topic is read under
+    /// its lock like any subscription, so a publication already queued here reaches each
+    /// subscriber exactly once: at or before its mark it is skipped, after it delivered.
+    fn on_loaded(&mut self) {
+        if !self.index.has_openings() {
+            return;
+        }
+        let topics = &self.shared.topics;
+        let opened = self
+            .index
+            .take_opened(|name| topics.get(name).is_some_and(|t| t.state.lock().synced));
+        for opening in opened {
+            let slot = opening.slot;
+            let mut frames = Vec::new();
+            let mut marks = Vec::new();
+            for (name, since) in opening.topics {
+                if let Some((attached, version)) =
+                    attach_waiting(slot, &mut self.index, &self.shared, &name, since)
+                {
+                    frames.extend(attached);
+                    if let Some(version) = version {
+                        marks.push((name, version));
+                    }
+                }
+            }
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            if let Some(ack) = opening.ack {
+                peer.send(ack);
+            }
+            for frame in frames {
+                peer.send_message(frame);
+            }
+            if let Transport::Sse(stream) = peer.transport_mut()
+                && let Some(line) = stream.mark(&marks)
+            {
+                peer.send(line);
+            }
+            self.settle(slot);
+        }
+    }
+
+    /// The engine's history after a version arrived: the subscriptions that resumed from
+    /// it, further back than this node's history, get their replay now.
+    fn on_backfill(&mut self, backfill: &Backfill) {
+        let slots = self.index.take_backfilled(&backfill.topic, backfill.from);
+        if slots.is_empty() {
+            return;
+        }
+        let Some(topic) = self.shared.topics.get(&backfill.topic) else {
+            return;
+        };
+        for slot in slots {
+            let filter = self.index.filter_of(&backfill.topic, slot);
+            let mut state = topic.state.lock();
+            let version = state.history.version();
+            let (frames, after) = replay_backfilled(
+                &mut state,
+                &backfill.topic,
+                backfill.from,
+                &backfill.entries,
+                filter.as_deref(),
+            );
+            drop(state);
+            self.index.set_after(&backfill.topic, slot, after);
+            let Some(peer) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            for frame in frames {
+                peer.send_message(frame);
+            }
+            if let Transport::Sse(stream) = peer.transport_mut()
+                && let Some(line) = stream.mark(&[(topic.name.clone(), version)])
+            {
+                peer.send(line);
+            }
+            self.settle(slot);
         }
     }
 
@@ -303,6 +390,13 @@ impl Shard {
             targets.push(sub.slot);
         });
         let attempted = self.targets.len();
+        if let Some(mark) = publication.rebase {
+            // The topic's history was replaced: after this frame, its subscribers continue
+            // from the new history's positions.
+            for &slot in &self.targets {
+                self.index.set_after(topic, slot, mark);
+            }
+        }
         let mut delivered = 0;
         let mut unsettled = Vec::new();
         for slot in self.targets.drain(..) {
@@ -697,7 +791,10 @@ impl Shard {
                     self.index.remove_topic(&t, slot);
                     detach(&self.shared, &t);
                 }
-                Subscription::Pattern(p) => self.index.remove_pattern(&p, slot),
+                Subscription::Pattern(p) => {
+                    self.index.remove_pattern(&p, slot);
+                    unfollow_pattern(&self.shared, &p);
+                }
             }
         }
         let _ = self.poll.registry().deregister(peer.stream_mut());
@@ -891,15 +988,22 @@ fn open_subscription(
     let is_sse = matches!(peer.transport(), Transport::Sse(_));
     match subscribe(peer, slot, index, shared, request, base_ms) {
         Ok(opened) => {
-            if !is_sse {
-                let ack = ServerMessage::Subscribed {
+            let ack = (!is_sse).then(|| {
+                ServerMessage::Subscribed {
                     id: None,
                     topics: &request.topics,
                     patterns: &request.patterns,
                     versions: &crate::proto::message::TopicVersions::of(&opened.marks),
                     ts: now_ms(),
-                };
-                peer.send(ack.to_frame());
+                }
+                .to_frame()
+            });
+            if let Some(topics) = opened.waiting {
+                index.wait(Opening { slot, topics, ack });
+                return;
+            }
+            if let Some(ack) = ack {
+                peer.send(ack);
             }
             for frame in opened.frames {
                 peer.send_message(frame);

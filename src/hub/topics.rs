@@ -15,8 +15,11 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::Value;
 
 use super::backlog::Ticket;
+use crate::bus::{Applied, Body, Sequenced, TopicView, ViewContent};
 use crate::proto::message::now_ms;
-use crate::proto::versioned::{encode_change, encode_closed, encode_versioned_event};
+use crate::proto::versioned::{
+    encode_change, encode_closed, encode_history_truncated, encode_versioned_event,
+};
 use crate::topic::history::PushError;
 use crate::topic::state::Prepared;
 use crate::topic::{
@@ -45,6 +48,11 @@ pub struct TopicState {
     pub closed: bool,
     /// Removed from the registry by the sweep: whoever still holds it must look it up again.
     pub retired: bool,
+    /// Whether this node's copy follows the bus. Always true on a local bus. With a shared
+    /// bus a topic is cold until a subscriber or poll needs it: then it is loaded from the
+    /// engine, and subscribers that came meanwhile are attached once it is (see
+    /// `hub::cluster`).
+    pub synced: bool,
 }
 
 impl TopicState {
@@ -136,6 +144,9 @@ pub struct Publication {
     /// Its SSE event, built from `frame` the first time any shard has an SSE subscriber
     /// for it, then shared like the frame.
     sse: OnceLock<Option<SseEvent>>,
+    /// A rebase: the topic's history was replaced (a new epoch, or history the engine no
+    /// longer has). Every subscriber gets `frame` and then continues after this offset.
+    pub rebase: Option<u64>,
 }
 
 /// A publication's SSE encoding, and the version it carries (for multi-topic cursors).
@@ -157,8 +168,14 @@ impl Publication {
             data,
             ticket: None,
             sse: OnceLock::new(),
+            rebase: None,
         }
     }
+
+    /// The offset a rebase publication is sent with: past every subscriber's mark except
+    /// those that must not get it (a topic already closed for them, or a subscription
+    /// still waiting for the topic to load, both at `u64::MAX`).
+    pub const REBASE: u64 = u64::MAX - 1;
 
     /// Its SSE event, built on first use.
     pub fn sse(&self) -> Option<&SseEvent> {
@@ -231,15 +248,24 @@ pub struct Topics {
     order: Mutex<VecDeque<Held>>,
     /// Footprint of all state documents.
     state_bytes: AtomicUsize,
+    /// New topics start cold: their versions come from a shared bus.
+    shared_bus: bool,
 }
 
 /// Records kept beyond twice the live entries before the order queue is compacted.
 const ORDER_SLACK: usize = 1024;
 
 impl Topics {
-    /// An empty registry whose topics keep within `limits`.
+    /// An empty registry whose topics keep within `limits`, on a local bus.
+    #[cfg(test)]
     pub fn new(limits: TopicLimits) -> Topics {
+        Topics::with_bus(limits, false)
+    }
+
+    /// As [`Topics::new`]; with `shared_bus`, topics start cold (see [`TopicState::synced`]).
+    pub fn with_bus(limits: TopicLimits, shared_bus: bool) -> Topics {
         Topics {
+            shared_bus,
             map: RwLock::new(HashMap::new()),
             limits,
             history_bytes: AtomicUsize::new(0),
@@ -299,6 +325,7 @@ impl Topics {
                 content: Content::Empty,
                 closed: false,
                 retired: false,
+                synced: !self.shared_bus,
             }),
             subscribers: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
@@ -322,13 +349,21 @@ impl Topics {
             });
             // A topic with publications still on their way to the shards is kept: a new
             // topic of the same name must not receive them.
+            // With a shared bus a cold copy is only a cache: documents live in the engine.
+            let unneeded = match &state.content {
+                Content::State(_) => self.shared_bus && !state.synced,
+                Content::Empty | Content::Events => state.history.is_empty(),
+            };
             let idle = topic.subscribers.load(Ordering::SeqCst) == 0
                 && topic.queued.load(Ordering::Acquire) == 0
                 && topic.pollers.load(Ordering::Acquire) == 0
-                && state.history.is_empty()
-                && !matches!(state.content, Content::State(_));
+                && unneeded;
             if idle {
                 state.retired = true;
+                if let Content::State(doc) = &state.content {
+                    self.state_bytes
+                        .fetch_sub(doc.footprint(), Ordering::AcqRel);
+                }
             }
             !idle
         });
@@ -429,14 +464,7 @@ impl Topics {
             Content::State(_) => return Err(topic.wrong_kind("a state document", "events")),
         }
         let offset = state.history.last_offset() + 1;
-        let version = Version::new(state.history.epoch(), offset).to_buf();
-        let ts = now_ms();
-        let frame = encode_versioned_event(&topic.name, offset, version.as_str(), data, ts);
-        // History and filters read the data inside the frame, not a copy of it: the frame
-        // ends with `<data>,"ts":<ts>}`.
-        let tail = br#","ts":"#.len() + itoa::Buffer::new().format(ts).len() + 1;
-        let end = frame.len() - tail;
-        let data = frame.slice(end - data.len()..end);
+        let (frame, data) = event_frame(&topic.name, state.history.epoch(), offset, data, now_ms());
         let entry = Entry::new(offset, frame.clone(), data.clone(), Instant::now());
         self.push(topic, &mut state.history, entry);
         hand_off(Publication::new(
@@ -558,6 +586,320 @@ impl Topics {
             ));
         }
         Ok(version)
+    }
+}
+
+/// An event's frame, and its data as a slice of the frame: history and filters read the
+/// data inside the frame, not a copy of it (the frame ends with `<data>,"ts":<ts>}`).
+fn event_frame(name: &str, epoch: Epoch, offset: u64, data: &[u8], ts: u64) -> (Bytes, Bytes) {
+    let version = Version::new(epoch, offset).to_buf();
+    let frame = encode_versioned_event(name, offset, version.as_str(), data, ts);
+    let tail = br#","ts":"#.len() + itoa::Buffer::new().format(ts).len() + 1;
+    let end = frame.len() - tail;
+    let data = frame.slice(end - data.len()..end);
+    (frame, data)
+}
+
+/// The frame of a publication the bus sequenced, and an event's data (for filters).
+pub fn encode_sequenced(name: &str, seq: &Sequenced) -> (Bytes, Option<Bytes>) {
+    match &seq.body {
+        Body::Event(data) => {
+            let (frame, data) = event_frame(name, seq.epoch, seq.offset, data, seq.ts);
+            (frame, Some(data))
+        }
+        Body::Change(diff) => (
+            change_frame(name, seq.epoch, seq.offset, diff, seq.ts),
+            None,
+        ),
+        Body::Closed => {
+            let version = Version::new(seq.epoch, seq.offset).to_buf();
+            (encode_closed(name, version.as_str(), seq.ts), None)
+        }
+    }
+}
+
+/// A state change's frame from `offset - 1` to `offset`.
+fn change_frame(name: &str, epoch: Epoch, offset: u64, diff: &[u8], ts: u64) -> Bytes {
+    let old = Version::new(epoch, offset.saturating_sub(1)).to_buf();
+    let new = Version::new(epoch, offset).to_buf();
+    encode_change(name, diff, old.as_str(), new.as_str(), ts)
+}
+
+impl Topics {
+    /// Applies a publication the bus sequenced, in offset order: encoded once for this node,
+    /// kept in the local history, handed to the shards (`hand_off` runs under the topic's
+    /// lock, as for local publications).
+    pub fn apply(
+        &self,
+        topic: &Arc<Topic>,
+        seq: &Sequenced,
+        mut hand_off: impl FnMut(Publication),
+    ) -> Applied {
+        let mut guard = topic.state.lock();
+        if guard.retired || !guard.synced {
+            return Applied::Cold;
+        }
+        let applied = self.apply_locked(topic, &mut guard, seq, &mut hand_off);
+        drop(guard);
+        if applied == Applied::Done {
+            self.enforce_history_budget();
+        }
+        applied
+    }
+
+    fn apply_locked(
+        &self,
+        topic: &Arc<Topic>,
+        state: &mut TopicState,
+        seq: &Sequenced,
+        hand_off: &mut impl FnMut(Publication),
+    ) -> Applied {
+        let epoch = state.history.epoch();
+        if seq.epoch != epoch {
+            return Applied::Resync;
+        }
+        let last = state.history.last_offset();
+        let name = &topic.name;
+        match &seq.body {
+            Body::Closed if seq.offset > last => Applied::Gap { after: last },
+            Body::Closed if state.closed => Applied::Duplicate,
+            Body::Closed => {
+                state.closed = true;
+                let version = Version::new(epoch, last).to_buf();
+                hand_off(Publication::new(
+                    name.clone(),
+                    u64::MAX,
+                    encode_closed(name, version.as_str(), seq.ts),
+                    None,
+                ));
+                Applied::Done
+            }
+            _ if seq.offset <= last => Applied::Duplicate,
+            _ if seq.offset > last + 1 => Applied::Gap { after: last },
+            Body::Event(data) => {
+                match state.content {
+                    Content::Empty => state.content = Content::Events,
+                    Content::Events => {}
+                    Content::State(_) => return Applied::Resync,
+                }
+                let (frame, data) = event_frame(name, epoch, seq.offset, data, seq.ts);
+                let entry = Entry::new(seq.offset, frame.clone(), data.clone(), Instant::now());
+                self.push(topic, &mut state.history, entry);
+                hand_off(Publication::new(
+                    name.clone(),
+                    seq.offset,
+                    frame,
+                    Some(data),
+                ));
+                Applied::Done
+            }
+            Body::Change(diff) => {
+                if matches!(state.content, Content::Events) {
+                    return Applied::Resync;
+                }
+                if matches!(state.content, Content::Empty) {
+                    state.content =
+                        Content::State(StateDoc::restore(Version::new(epoch, last), Value::Null));
+                }
+                let Content::State(doc) = &mut state.content else {
+                    return Applied::Resync;
+                };
+                let before = doc.footprint();
+                if doc
+                    .apply_remote(diff, Version::new(epoch, seq.offset))
+                    .is_err()
+                {
+                    return Applied::Resync;
+                }
+                adjust(&self.state_bytes, before, doc.footprint());
+                let frame = change_frame(name, epoch, seq.offset, diff, seq.ts);
+                let entry = Entry::new(seq.offset, frame.clone(), diff.clone(), Instant::now());
+                self.push(topic, &mut state.history, entry);
+                hand_off(Publication::new(name.clone(), seq.offset, frame, None));
+                Applied::Done
+            }
+        }
+    }
+
+    /// Makes this node's copy of `topic` the engine's `view`, and marks it synced.
+    ///
+    /// When the view continues what this node has (same epoch, its entries join up), only
+    /// what is new is applied, as publications. Otherwise the copy is replaced, and if the
+    /// topic was followed already its subscribers are told, since what they hold is no
+    /// longer a position in this history: event subscribers get `history_truncated` (then
+    /// the entries the engine still has), state subscribers a fresh snapshot. Never a silent
+    /// skip.
+    pub fn rebase(
+        &self,
+        topic: &Arc<Topic>,
+        view: &TopicView,
+        mut hand_off: impl FnMut(Publication),
+    ) {
+        let mut guard = topic.state.lock();
+        if guard.retired {
+            return;
+        }
+        let state = &mut *guard;
+        let local = state.history.version();
+        let kinds_agree = matches!(
+            (&state.content, &view.content),
+            (Content::Empty, _)
+                | (Content::Events, ViewContent::Events)
+                | (Content::State(_), ViewContent::State(_))
+        );
+        let joins = view.offset == local.offset
+            || view
+                .entries
+                .first()
+                .is_some_and(|e| e.offset <= local.offset + 1);
+        if state.synced
+            && view.epoch == local.epoch
+            && view.offset >= local.offset
+            && kinds_agree
+            && joins
+        {
+            for entry in view.entries.iter().filter(|e| e.offset > local.offset) {
+                let seq = Sequenced {
+                    epoch: view.epoch,
+                    offset: entry.offset,
+                    ts: entry.ts,
+                    body: match view.content {
+                        ViewContent::State(_) => Body::Change(entry.payload.clone()),
+                        ViewContent::Events | ViewContent::Empty => {
+                            Body::Event(entry.payload.clone())
+                        }
+                    },
+                };
+                if self.apply_locked(topic, state, &seq, &mut hand_off) == Applied::Resync {
+                    break;
+                }
+            }
+            if view.closed {
+                let seq = Sequenced {
+                    epoch: view.epoch,
+                    offset: view.offset,
+                    ts: now_ms(),
+                    body: Body::Closed,
+                };
+                self.apply_locked(topic, state, &seq, &mut hand_off);
+            }
+            if state.history.last_offset() == view.offset {
+                drop(guard);
+                self.enforce_history_budget();
+                return;
+            }
+        }
+        let was_followed = state.synced && topic.subscribers.load(Ordering::SeqCst) > 0;
+        let first = view.entries.first().map_or(view.offset + 1, |e| e.offset);
+        let limits = self.limits.history;
+        self.changed_history(topic, &mut state.history, |h| {
+            *h = History::starting_after(view.epoch, first - 1, limits);
+        });
+        let before = match &state.content {
+            Content::State(doc) => doc.footprint(),
+            Content::Empty | Content::Events => 0,
+        };
+        let was_state = matches!(state.content, Content::State(_));
+        state.content = match &view.content {
+            // A document the engine lost is `null` at the new version, for its
+            // subscribers' sake: they get a snapshot of that.
+            ViewContent::Empty if was_state && was_followed => Content::State(StateDoc::restore(
+                Version::new(view.epoch, view.offset),
+                Value::Null,
+            )),
+            ViewContent::Empty => Content::Empty,
+            ViewContent::Events => Content::Events,
+            ViewContent::State(doc) => Content::State(StateDoc::restore(
+                Version::new(view.epoch, view.offset),
+                doc.clone(),
+            )),
+        };
+        let after = match &state.content {
+            Content::State(doc) => doc.footprint(),
+            Content::Empty | Content::Events => 0,
+        };
+        adjust(&self.state_bytes, before, after);
+        state.closed = view.closed;
+        state.synced = true;
+        let name = &topic.name;
+        let mut live = Vec::with_capacity(view.entries.len());
+        for e in &view.entries {
+            let (frame, data) = match view.content {
+                ViewContent::State(_) => (
+                    change_frame(name, view.epoch, e.offset, &e.payload, e.ts),
+                    e.payload.clone(),
+                ),
+                ViewContent::Events | ViewContent::Empty => {
+                    event_frame(name, view.epoch, e.offset, &e.payload, e.ts)
+                }
+            };
+            let entry = Entry::new(e.offset, frame.clone(), data.clone(), Instant::now());
+            self.push(topic, &mut state.history, entry);
+            live.push((e.offset, frame, data));
+        }
+        if was_followed {
+            let version = Version::new(view.epoch, view.offset).to_buf();
+            let (frame, mark) = match &mut state.content {
+                Content::State(doc) => (doc.snapshot(name), view.offset),
+                Content::Empty | Content::Events => {
+                    let first = Version::new(view.epoch, first).to_buf();
+                    let frame = encode_history_truncated(
+                        name,
+                        Some(local.to_buf().as_str()),
+                        first.as_str(),
+                        version.as_str(),
+                        now_ms(),
+                    );
+                    (
+                        frame,
+                        view.entries.first().map_or(view.offset, |e| e.offset - 1),
+                    )
+                }
+            };
+            let mut reset = Publication::new(name.clone(), Publication::REBASE, frame, None);
+            reset.rebase = Some(mark);
+            hand_off(reset);
+            if !matches!(state.content, Content::State(_)) {
+                for (offset, frame, data) in live {
+                    hand_off(Publication::new(name.clone(), offset, frame, Some(data)));
+                }
+            }
+            if view.closed {
+                hand_off(Publication::new(
+                    name.clone(),
+                    u64::MAX,
+                    encode_closed(name, version.as_str(), now_ms()),
+                    None,
+                ));
+            }
+        }
+        drop(guard);
+        self.enforce_history_budget();
+    }
+
+    /// Marks `topic` cold, if nothing on this node follows it any more: its copy stops
+    /// following the bus, and the next subscriber or poll loads it afresh. Returns whether
+    /// it did (the bus then stops listening for the topic).
+    pub fn cool(&self, topic: &Topic) -> bool {
+        let mut state = topic.state.lock();
+        let idle = topic.subscribers.load(Ordering::SeqCst) == 0
+            && topic.pollers.load(Ordering::Acquire) == 0;
+        if idle {
+            state.synced = false;
+        }
+        idle
+    }
+
+    /// The topics this node follows on the bus (a subscriber or a poll needs them).
+    pub fn followed(&self) -> Vec<Arc<Topic>> {
+        self.map
+            .read()
+            .values()
+            .filter(|t| {
+                t.subscribers.load(Ordering::SeqCst) > 0 || t.pollers.load(Ordering::Acquire) > 0
+            })
+            .cloned()
+            .collect()
     }
 }
 
@@ -794,6 +1136,89 @@ mod tests {
             panic!("a state topic");
         };
         assert_eq!(doc.doc(), &small);
+    }
+
+    #[test]
+    fn sequenced_publications_apply_in_offset_order_only() {
+        let topics = Topics::with_bus(TopicLimits::default(), true);
+        let topic = topics.get_or_create("c:t", || {}).unwrap();
+        let epoch = Epoch::from_u64(7);
+        let seq = |offset: u64| Sequenced {
+            epoch,
+            offset,
+            ts: 1,
+            body: Body::Event(Bytes::from(format!("{{\"n\":{offset}}}"))),
+        };
+        let mut handed = Vec::new();
+        assert_eq!(
+            topics.apply(&topic, &seq(1), |p| handed.push(p.offset)),
+            Applied::Cold,
+            "a cold copy takes nothing"
+        );
+        let view = TopicView {
+            epoch,
+            offset: 2,
+            content: ViewContent::Events,
+            closed: false,
+            entries: vec![
+                crate::bus::ViewEntry {
+                    offset: 1,
+                    ts: 1,
+                    payload: Bytes::from_static(b"1"),
+                },
+                crate::bus::ViewEntry {
+                    offset: 2,
+                    ts: 1,
+                    payload: Bytes::from_static(b"2"),
+                },
+            ],
+        };
+        topics.rebase(&topic, &view, |p| handed.push(p.offset));
+        assert!(handed.is_empty(), "loading a cold copy tells nobody");
+        assert_eq!(topic.state.lock().history.version(), Version::new(epoch, 2));
+        let mut apply = |s: Sequenced| topics.apply(&topic, &s, |p| handed.push(p.offset));
+        assert_eq!(apply(seq(2)), Applied::Duplicate);
+        assert_eq!(apply(seq(4)), Applied::Gap { after: 2 });
+        assert_eq!(apply(seq(3)), Applied::Done);
+        assert_eq!(apply(seq(4)), Applied::Done);
+        let other = Sequenced {
+            epoch: Epoch::from_u64(8),
+            ..seq(5)
+        };
+        assert_eq!(apply(other), Applied::Resync, "another epoch reloads");
+        let change = Sequenced {
+            body: Body::Change(Bytes::from_static(b"[]")),
+            ..seq(5)
+        };
+        assert_eq!(apply(change), Applied::Resync, "a change to an event topic");
+        assert_eq!(handed, [3, 4]);
+        // A continuation applies only what is new; a new epoch replaces and tells.
+        topic.subscribers.fetch_add(1, Ordering::SeqCst);
+        let next = TopicView {
+            offset: 5,
+            entries: vec![crate::bus::ViewEntry {
+                offset: 5,
+                ts: 1,
+                payload: Bytes::from_static(b"5"),
+            }],
+            ..view.clone()
+        };
+        topics.rebase(&topic, &next, |p| handed.push(p.offset));
+        assert_eq!(handed, [3, 4, 5]);
+        let lost = TopicView {
+            epoch: Epoch::from_u64(9),
+            offset: 0,
+            content: ViewContent::Empty,
+            closed: false,
+            entries: Vec::new(),
+        };
+        let mut rebased = Vec::new();
+        topics.rebase(&topic, &lost, |p| rebased.push((p.offset, p.rebase)));
+        assert_eq!(rebased, [(Publication::REBASE, Some(0))]);
+        assert_eq!(
+            topic.state.lock().history.version(),
+            Version::new(Epoch::from_u64(9), 0)
+        );
     }
 
     fn fresh_data(topics: &Topics, name: &str) -> Bytes {

@@ -40,6 +40,25 @@ impl Sub {
 pub struct Index {
     exact: HashMap<Arc<str>, Vec<Sub>>,
     patterns: Node,
+    /// Subscription requests waiting for their topics to be loaded from a shared bus. Their
+    /// topics are in `exact` already, at `after = u64::MAX`, so nothing is sent to them
+    /// until the whole request is attached.
+    opening: Vec<Opening>,
+    /// Subscriptions held until a shared bus's history after a version arrives (a resume
+    /// that reaches further back than this node's history).
+    backfilling: Vec<(Arc<str>, SlotId, crate::topic::Version)>,
+}
+
+/// A subscription request waiting for topics to load (see [`Index::wait`]).
+#[derive(Debug)]
+pub struct Opening {
+    /// The subscribing connection.
+    pub slot: SlotId,
+    /// Its topics, and the version each resumes from.
+    pub topics: Vec<(Arc<str>, Option<crate::topic::Version>)>,
+    /// The acknowledgement to send first, once they are attached (a WebSocket request's
+    /// `subscribed`).
+    pub ack: Option<bytes::Bytes>,
 }
 
 #[derive(Debug, Default)]
@@ -91,8 +110,51 @@ impl Index {
         self.exact.get_key_value(topic).map(|(k, _)| k.clone())
     }
 
+    /// Records a subscription request that waits for its topics to load.
+    pub fn wait(&mut self, opening: Opening) {
+        self.opening.push(opening);
+    }
+
+    /// The waiting requests all of whose topics pass `loaded`, no longer waiting.
+    pub fn take_opened(&mut self, mut loaded: impl FnMut(&str) -> bool) -> Vec<Opening> {
+        let (ready, waiting) = std::mem::take(&mut self.opening)
+            .into_iter()
+            .partition(|o| o.topics.iter().all(|(t, _)| loaded(t)));
+        self.opening = waiting;
+        ready
+    }
+
+    /// Records that `slot`'s subscription to `topic` waits for history after `from`.
+    pub fn wait_backfill(&mut self, topic: &Arc<str>, slot: SlotId, from: crate::topic::Version) {
+        self.backfilling.push((topic.clone(), slot, from));
+    }
+
+    /// The subscriptions of `topic` that waited for history after `from`, no longer waiting.
+    pub fn take_backfilled(&mut self, topic: &str, from: crate::topic::Version) -> Vec<SlotId> {
+        let mut slots = Vec::new();
+        self.backfilling.retain(|(t, slot, f)| {
+            let matched = **t == *topic && *f == from;
+            if matched {
+                slots.push(*slot);
+            }
+            !matched
+        });
+        slots
+    }
+
+    /// Whether any request waits for a topic to load.
+    pub fn has_openings(&self) -> bool {
+        !self.opening.is_empty()
+    }
+
     /// Removes `slot` from `topic`'s subscribers.
     pub fn remove_topic(&mut self, topic: &str, slot: SlotId) {
+        self.backfilling
+            .retain(|(t, s, _)| !(*s == slot && **t == *topic));
+        for opening in self.opening.iter_mut().filter(|o| o.slot == slot) {
+            opening.topics.retain(|(t, _)| **t != *topic);
+        }
+        self.opening.retain(|o| !o.topics.is_empty());
         if let Some(slots) = self.exact.get_mut(topic) {
             remove_one(slots, slot);
             if slots.is_empty() {

@@ -381,6 +381,30 @@ impl StateDoc {
     }
 }
 
+impl StateDoc {
+    /// Applies a change committed by another node: `diff` (RFC 6902, as [`StateDoc::commit`]
+    /// made it there) takes the document to `version`. The writer checked the bounds; an
+    /// error leaves the document unchanged, and the caller loads it afresh.
+    pub fn apply_remote(&mut self, diff: &[u8], version: Version) -> Result<(), PatchError> {
+        let ops = parse_patch(diff)?;
+        let mut new = self.doc.clone();
+        json_patch::patch(&mut new, &ops).map_err(|e| PatchError::Unprocessable {
+            index: e.operation,
+            path: e.path.to_string(),
+            reason: e.kind.to_string(),
+        })?;
+        let shape = json::measure(&new, usize::MAX, usize::MAX).unwrap_or_default();
+        let json = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
+        self.footprint = footprint(shape.footprint, json.len());
+        self.depth = shape.depth;
+        self.doc = new;
+        self.version = version;
+        self.json = Some(json);
+        self.snapshot = None;
+        Ok(())
+    }
+}
+
 /// A checked replacement document, not applied yet (see [`StateDoc::prepare_replace`]).
 #[derive(Debug)]
 pub struct Prepared {

@@ -14,6 +14,7 @@
 mod http;
 mod keys;
 mod raw;
+mod redis;
 mod slow;
 mod sse;
 mod versioned;
@@ -26,6 +27,8 @@ pub use http::*;
 pub use keys::*;
 #[allow(unused_imports)]
 pub use raw::*;
+#[allow(unused_imports)]
+pub use redis::*;
 #[allow(unused_imports)]
 pub use slow::*;
 #[allow(unused_imports)]
