@@ -90,6 +90,8 @@ pub struct Metrics {
     state_bytes: Gauge,
     queued_publish_bytes: Gauge,
     poll_waiters: Gauge,
+    sse_streams: Gauge,
+    bytes_out: Counter,
     bus: BusMetrics,
 }
 
@@ -120,6 +122,18 @@ impl Default for Metrics {
         let state_bytes = Gauge::default();
         let queued_publish_bytes = Gauge::default();
         let poll_waiters = Gauge::default();
+        let sse_streams = Gauge::default();
+        let bytes_out = Counter::default();
+        registry.register(
+            "sse_streams",
+            "SSE streams open now (they count under connections too)",
+            sse_streams.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "Bytes written to WebSocket and SSE sockets",
+            bytes_out.clone(),
+        );
         let bus = BusMetrics::default();
         registry.register(
             "bus_degraded",
@@ -210,6 +224,8 @@ impl Default for Metrics {
             state_bytes,
             queued_publish_bytes,
             poll_waiters,
+            sse_streams,
+            bytes_out,
             bus,
         }
     }
@@ -224,6 +240,17 @@ impl Metrics {
     pub(crate) fn connection_closed(&self, reason: CloseReason) {
         self.connections.dec();
         self.closed.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Adds what a shard thread reports: bytes written to sockets, and the change in its
+    /// SSE streams.
+    pub(crate) fn add_peer_meter(&self, (bytes, sse): (u64, i64)) {
+        if bytes > 0 {
+            self.bytes_out.inc_by(bytes);
+        }
+        if sse != 0 {
+            self.sse_streams.inc_by(sse);
+        }
     }
 
     pub(crate) fn published(&self) {
@@ -295,6 +322,8 @@ impl Metrics {
             state_bytes: self.state_bytes.get().max(0) as u64,
             publish_queue_bytes: self.queued_publish_bytes.get().max(0) as u64,
             long_polls_waiting: self.poll_waiters.get().max(0) as u64,
+            sse_streams: self.sse_streams.get().max(0) as u64,
+            bytes_out: self.bytes_out.get(),
             bus_degraded: self.bus.degraded.get() > 0,
             bus_followed_topics: self.bus.followed.get().max(0) as u64,
             bus_gaps_filled: self.bus.gaps_filled.get(),
@@ -551,6 +580,10 @@ pub struct Stats {
     pub publish_queue_bytes: u64,
     /// Long-polls waiting for a publication now.
     pub long_polls_waiting: u64,
+    /// SSE streams open now (counted in `connections` too; WebSockets are the rest).
+    pub sse_streams: u64,
+    /// Bytes written to WebSocket and SSE sockets since start.
+    pub bytes_out: u64,
     /// Whether this node's Redis bus does not answer now (always false on a local bus).
     pub bus_degraded: bool,
     /// Topics this node follows on the Redis bus now.

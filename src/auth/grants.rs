@@ -30,7 +30,8 @@ pub(crate) const GRANT_CACHE_CAP: usize = 4096;
 /// A set of granted topics and patterns.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Grants {
-    /// Everything (no authentication configured, or an admin that may do all).
+    /// Everything (no authentication configured, or an admin API key), the gateway's
+    /// reserved topics included.
     everything: bool,
     topics: HashSet<Box<str>>,
     patterns: Vec<Pattern>,
@@ -75,6 +76,11 @@ impl Grants {
 
     /// Whether `topic` (a valid topic name) is granted.
     pub(crate) fn allows_topic(&self, topic: &str) -> bool {
+        // The gateway's own topics (`_tidings:stats`) are never granted by a claim or a
+        // pattern: only `everything` (no authentication, or an admin API key) reads them.
+        if crate::topic::is_reserved(topic) {
+            return self.everything;
+        }
         self.everything
             || self.topics.contains(topic)
             || self.patterns.iter().any(|p| p.matches(topic))
@@ -199,6 +205,10 @@ mod tests {
         // A literal-only pattern is its topic.
         assert!(g.allows_pattern(&p("news")));
         assert!(Grants::everything().allows_pattern(&p("**")));
+        // Reserved topics: never through a claim or a pattern, only for an admin.
+        let claimed = Grants::parse(&["_tidings:stats", "**"]).unwrap();
+        assert!(!claimed.allows_topic("_tidings:stats"));
+        assert!(Grants::everything().allows_topic("_tidings:stats"));
         assert!(Grants::default().is_empty());
         assert!(Grants::parse(&["a::b"]).is_err());
     }

@@ -260,7 +260,14 @@ impl Auth {
             let mut entries = public.clone();
             entries.extend(key.publish.iter().map(|s| s.as_str().into()));
             let subscribe =
-                Arc::new(Grants::parse(&entries).map_err(|e| err(format!("api_keys: {:?}", e.0)))?);
+                Grants::parse(&entries).map_err(|e| err(format!("api_keys: {:?}", e.0)))?;
+            // An admin reads every topic, the gateway's own included: the dashboard's
+            // stats stream and its topic browser.
+            let subscribe = Arc::new(if key.admin {
+                Grants::everything()
+            } else {
+                subscribe
+            });
             let publish = Arc::new(
                 Grants::parse(&key.publish).map_err(|e| err(format!("api_keys: {:?}", e.0)))?,
             );

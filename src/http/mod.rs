@@ -3,6 +3,7 @@
 
 mod conditional;
 pub(crate) mod context;
+pub(crate) mod dashboard;
 pub(crate) mod guard;
 pub(crate) mod limits;
 pub(crate) mod sse;
@@ -99,6 +100,9 @@ async fn routes(
             }
         }
         ["echo"] if hub.config().echo => upgrade(hub, tracker, req, Mode::Echo, None).await,
+        // The client script and the dashboard's files, embedded in the binary.
+        s if dashboard::is_asset(s) => dashboard::serve_asset(&req, s),
+        ["v1", "topics"] => dashboard::list_topics(hub, &req).await,
         ["healthz"] => match *req.method() {
             // Liveness: the process serves. A node whose bus does not answer still serves
             // its connected clients, and says so.
@@ -189,6 +193,9 @@ async fn routes(
             match *req.method() {
                 Method::POST => match guard::close(hub, &req).await {
                     Err(refused) => refused,
+                    Ok(()) if crate::topic::is_reserved(&topic) => {
+                        dashboard::refuse_reserved_write(&topic).unwrap_or_default()
+                    }
                     Ok(()) => match hub.close_topic_value(&topic).await {
                         Ok(version) => json_response(
                             StatusCode::OK,
@@ -210,6 +217,9 @@ async fn routes(
 
 /// `POST /v1/topics/{topic}/events`: the body is one JSON value, published as is.
 async fn publish(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+        return refused;
+    }
     if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }
@@ -525,6 +535,9 @@ async fn get_state(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<
 
 /// `PUT /v1/topics/{topic}/state`: replaces the document.
 async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+        return refused;
+    }
     if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }
@@ -549,6 +562,9 @@ async fn put_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<F
 
 /// `PATCH /v1/topics/{topic}/state` with `application/json-patch+json`: RFC 6902, atomic.
 async fn patch_state(hub: &Hub, topic: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = dashboard::refuse_reserved_write(topic) {
+        return refused;
+    }
     if let Err(refused) = guard::publish(hub, &req, topic).await {
         return refused;
     }

@@ -34,6 +34,7 @@ use job::{Job, ShardHandle, Shared};
 pub(crate) use job::{Open, SseOpen};
 pub(crate) use sse::parse_last_event_id;
 pub use topics::TopicError;
+pub(crate) use topics::TopicSummary;
 use topics::{Content, Publication, Topic, TopicLimits, Topics};
 
 /// The result of a successful publication.
@@ -681,6 +682,40 @@ impl Hub {
             }
             notified.await;
         }
+    }
+}
+
+impl Hub {
+    /// A page of the topic registry for `GET /v1/topics` (see [`Topics::page`]).
+    pub fn topics_page(
+        &self,
+        after: Option<&str>,
+        prefix: &str,
+        limit: usize,
+    ) -> (Vec<TopicSummary>, bool) {
+        self.shared.topics.page(after, prefix, limit)
+    }
+
+    /// Publishes one JSON value to a topic of this node only (the gateway's own topics,
+    /// such as the dashboard's `_tidings:stats`), as [`Hub::publish`] after admission, but
+    /// only while a connection subscribes to it by name: `Ok(None)` otherwise, so an
+    /// unwatched gateway's counters and topics are not touched.
+    pub fn publish_local(
+        &self,
+        topic: &str,
+        json: &[u8],
+    ) -> Result<Option<Published>, PublishError> {
+        let watched = self
+            .shared
+            .topics
+            .get(topic)
+            .is_some_and(|t| t.subscribers.load(Ordering::SeqCst) > 0);
+        if !watched {
+            return Ok(None);
+        }
+        let range = self.check_publication(json)?;
+        let admitted = self.admit_blocking(topic, range.len())?;
+        self.publish(admitted, &json[range]).map(Some)
     }
 }
 

@@ -6,7 +6,8 @@
 //! WebSocket frame or an SSE event, both built once per publication and shared) and
 //! reading differ by transport. Nothing here is shared or locked.
 
-use std::io::{self, Read};
+use std::cell::Cell;
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
 
@@ -22,6 +23,46 @@ use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::session::{Output, Phase, Session};
 use crate::topic::Pattern;
+
+thread_local! {
+    /// Bytes this shard thread wrote to peer sockets, and the change in its SSE streams,
+    /// since the shard last reported them ([`take_meter`]). Kept per thread rather than per
+    /// peer, so a peer stays its size and a write costs no atomic operation.
+    static METER: Cell<(u64, i64)> = const { Cell::new((0, 0)) };
+}
+
+/// Bytes written and the change in SSE streams on this thread since the last call.
+pub(crate) fn take_meter() -> (u64, i64) {
+    METER.with(|m| m.replace((0, 0)))
+}
+
+fn meter(bytes: u64, sse: i64) {
+    METER.with(|m| {
+        let (b, s) = m.get();
+        m.set((b + bytes, s + sse));
+    });
+}
+
+/// A socket whose writes are counted in [`METER`].
+struct Metered<'a>(&'a TcpStream);
+
+impl Write for Metered<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (&mut &*self.0).write(buf)?;
+        meter(n as u64, 0);
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let n = (&mut &*self.0).write_vectored(bufs)?;
+        meter(n as u64, 0);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&mut &*self.0).flush()
+    }
+}
 
 /// What happened to bytes handed to [`Peer::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +215,9 @@ impl Peer {
         limiter: RateLimiter,
         ip: IpSlot,
     ) -> Peer {
+        if matches!(transport, Transport::Sse(_)) {
+            meter(0, 1);
+        }
         Peer {
             stream,
             generation,
@@ -244,7 +288,7 @@ impl Peer {
         if !(self.phase().is_open() || self.replying && self.phase() != Phase::Broken) {
             return Delivery::Dropped;
         }
-        match self.outbox.push(bytes, &self.stream) {
+        match self.outbox.push(bytes, Metered(&self.stream)) {
             Push::Written => Delivery::Written,
             Push::Broken => {
                 self.break_off(CloseReason::IoError);
@@ -372,7 +416,7 @@ impl Peer {
 
     /// Writes what is queued until done or the socket is full.
     pub fn flush(&mut self) {
-        if self.outbox.flush(&self.stream) == Flush::Broken {
+        if self.outbox.flush(Metered(&self.stream)) == Flush::Broken {
             self.break_off(CloseReason::IoError);
         }
     }
@@ -393,6 +437,14 @@ impl Peer {
     /// Sends FIN; the socket closes when the peer is dropped.
     pub fn shutdown(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if matches!(self.transport, Transport::Sse(_)) {
+            meter(0, -1);
+        }
     }
 }
 

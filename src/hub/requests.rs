@@ -16,7 +16,7 @@ use super::topics::{Content, TopicState};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
 use crate::proto::message::{
-    ClientMessage, ServerMessage, SubscriptionRequest, now_ms, parse_client,
+    ClientMessage, ServerMessage, SubscriptionRequest, TopicVersions, now_ms, parse_client,
 };
 use crate::proto::versioned::{encode_closed, encode_history_truncated};
 use crate::topic::index::{Index, Opening, SlotId, Sub};
@@ -56,12 +56,15 @@ pub(super) fn serve(
         Ok(ClientMessage::Subscribe(req)) => {
             match subscribe(conn, slot, index, shared, &req, None) {
                 Ok(Opened {
-                    frames, waiting, ..
+                    frames,
+                    waiting,
+                    marks,
                 }) => {
                     let ack = ServerMessage::Subscribed {
                         id: req.id.as_ref(),
                         topics: &req.topics,
                         patterns: &req.patterns,
+                        versions: &TopicVersions::of(&marks),
                         ts: now_ms(),
                     };
                     if let Some(topics) = waiting {

@@ -232,6 +232,9 @@ impl Shard {
                 }
             }
             self.serve_pending(FANOUT_BUDGET);
+            self.shared
+                .metrics
+                .add_peer_meter(super::peer::take_meter());
             let now = self.now_tick();
             if now > self.wheel.now() {
                 self.on_tick(now);
@@ -1016,6 +1019,7 @@ fn open_subscription(
                     id: None,
                     topics: &request.topics,
                     patterns: &request.patterns,
+                    versions: &crate::proto::message::TopicVersions::of(&opened.marks),
                     ts: now_ms(),
                 }
                 .to_frame()

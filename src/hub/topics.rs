@@ -924,6 +924,81 @@ impl Topic {
     }
 }
 
+/// One topic as `GET /v1/topics` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicSummary {
+    /// The topic's name.
+    pub topic: String,
+    /// `events`, `state`, or `empty` (nothing published yet).
+    pub kind: &'static str,
+    /// The current version, `epoch:offset`.
+    pub version: String,
+    /// Connections subscribed to this exact topic, on every shard (pattern subscribers
+    /// are not counted: a pattern is not tied to a topic).
+    pub subscribers: usize,
+    /// Publications its history holds now.
+    pub history: usize,
+    /// Bytes its history holds now.
+    pub history_bytes: usize,
+    /// Whether the topic is closed.
+    pub closed: bool,
+}
+
+impl Topics {
+    /// The topics whose names start with `prefix` and sort after `after` (from the first
+    /// for `None`), in byte order, at most `limit`, and whether more follow. One pass over the registry keeping the
+    /// `limit + 1` smallest names, so a page costs O(topics × log limit) and holds
+    /// `limit + 1` names, however many topics there are; each topic's lock is taken only
+    /// for the page's own topics, after the registry's lock is released.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        prefix: &str,
+        limit: usize,
+    ) -> (Vec<TopicSummary>, bool) {
+        let mut smallest: std::collections::BinaryHeap<Arc<str>> =
+            std::collections::BinaryHeap::with_capacity(limit + 1);
+        let topics: Vec<Arc<Topic>> = {
+            let map = self.map.read();
+            for name in map.keys() {
+                if !name.starts_with(prefix) || after.is_some_and(|after| &**name <= after) {
+                    continue;
+                }
+                if smallest.len() <= limit {
+                    smallest.push(name.clone());
+                } else if smallest.peek().is_some_and(|largest| name < largest) {
+                    smallest.pop();
+                    smallest.push(name.clone());
+                }
+            }
+            let names = smallest.into_sorted_vec();
+            names.iter().filter_map(|n| map.get(n).cloned()).collect()
+        };
+        let more = topics.len() > limit;
+        let page = topics
+            .iter()
+            .take(limit)
+            .map(|topic| {
+                let state = topic.state.lock();
+                TopicSummary {
+                    topic: topic.name.to_string(),
+                    kind: match state.content {
+                        Content::Empty => "empty",
+                        Content::Events => "events",
+                        Content::State(_) => "state",
+                    },
+                    version: state.version().to_string(),
+                    subscribers: topic.subscribers.load(Ordering::Relaxed),
+                    history: state.history.len(),
+                    history_bytes: state.history.bytes(),
+                    closed: state.closed,
+                }
+            })
+            .collect();
+        (page, more)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

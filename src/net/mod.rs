@@ -84,6 +84,10 @@ pub(crate) async fn serve(
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     tokio::spawn(sweep_topics(hub.clone(), stop.clone()));
+    tokio::spawn(crate::http::dashboard::publish_stats(
+        hub.clone(),
+        stop.clone(),
+    ));
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes.max(1)));
     let mut reserve = Reserve::open();
     let mut errors = ErrorLog::new(ACCEPT_ERROR_LOG_INTERVAL);

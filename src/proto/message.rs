@@ -217,6 +217,39 @@ pub fn encode_event(topic: &str, offset: u64, data: &[u8], ts: u64) -> Bytes {
     out.freeze()
 }
 
+/// Topics and the versions they stood at, serialized as a JSON object
+/// (`{"runs:42":"6a2f04586e6e7d74:3"}`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TopicVersions(Vec<(std::sync::Arc<str>, String)>);
+
+impl TopicVersions {
+    /// The versions of `marks`, in order.
+    pub fn of<V: std::fmt::Display>(marks: &[(std::sync::Arc<str>, V)]) -> TopicVersions {
+        TopicVersions(
+            marks
+                .iter()
+                .map(|(t, v)| (t.clone(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for TopicVersions {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (topic, version) in &self.0 {
+            map.serialize_entry(&**topic, version)?;
+        }
+        map.end()
+    }
+}
+
 /// A server message other than `event`; these are rare and go through serde.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -230,6 +263,11 @@ pub enum ServerMessage<'a> {
         topics: &'a [String],
         /// The patterns now subscribed by this request.
         patterns: &'a [String],
+        /// The version each topic newly subscribed by this request stood at when it was
+        /// attached (what the connection has, snapshot or replay included), so a client that
+        /// has seen nothing yet can still resume with `since`. Left out when empty.
+        #[serde(skip_serializing_if = "TopicVersions::is_empty")]
+        versions: &'a TopicVersions,
         /// Server time, ms since the Unix epoch.
         ts: u64,
     },

@@ -213,7 +213,8 @@ impl Index {
         if let Some(subs) = self.exact.get(topic) {
             subs.iter().for_each(&mut f);
         }
-        if self.patterns.is_empty() {
+        // A reserved topic is read by its name only (see `Pattern::matches`).
+        if self.patterns.is_empty() || crate::topic::is_reserved(topic) {
             return;
         }
         // Topics have at most MAX_SEGMENTS segments; collect them without allocating.
@@ -286,6 +287,18 @@ mod tests {
         ix.remove_pattern(&Pattern::parse("*:b").unwrap(), 4);
         ix.remove_topic("a:b", 1);
         assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn reserved_topics_match_no_pattern() {
+        let mut ix = Index::default();
+        ix.add_topic(&Arc::from("_tidings:stats"), Sub::live(1));
+        ix.add_pattern(&Pattern::parse("**").unwrap(), Sub::live(2));
+        ix.add_pattern(&Pattern::parse("*:stats").unwrap(), Sub::live(3));
+        ix.add_pattern(&Pattern::parse("_tidings:*").unwrap(), Sub::live(4));
+        assert_eq!(matches(&ix, "_tidings:stats"), vec![1]);
+        assert!(!Pattern::parse("**").unwrap().matches("_tidings:stats"));
+        assert_eq!(matches(&ix, "a:stats"), vec![2, 3]);
     }
 
     fn segment() -> impl Strategy<Value = String> {

@@ -9,6 +9,17 @@ pub const MAX_SEGMENT_LEN: usize = 64;
 /// Longest topic or pattern, in bytes. Bounds index keys and every frame's topic field.
 pub const MAX_TOPIC_LEN: usize = 256;
 
+/// The first segment of the topics the gateway itself publishes to (`_tidings:stats`).
+/// Patterns never match them, publishers cannot write to them, and with authentication
+/// on only an admin identity may read them.
+pub const RESERVED_SEGMENT: &str = "_tidings";
+
+/// Whether `topic` is one of the gateway's own topics (its first segment is
+/// [`RESERVED_SEGMENT`]).
+pub fn is_reserved(topic: &str) -> bool {
+    topic.split(':').next() == Some(RESERVED_SEGMENT)
+}
+
 /// Why a topic or pattern was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -106,7 +117,11 @@ impl Pattern {
     }
 
     /// Whether `topic` matches; the reference semantics the index must agree with.
+    /// A reserved topic ([`is_reserved`]) matches no pattern: it is read by its name only.
     pub fn matches(&self, topic: &str) -> bool {
+        if is_reserved(topic) {
+            return false;
+        }
         let mut parts = topic.split(':');
         for seg in &self.segments {
             match seg {
