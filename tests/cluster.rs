@@ -549,3 +549,22 @@ async fn a_topic_closed_on_one_node_is_closed_everywhere() {
         .await
         .assert_error(409, "wrong_topic_kind");
 }
+
+#[tokio::test]
+async fn a_nodes_own_topics_stay_its_own_and_acks_carry_versions() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    publish_numbered(&a, "runs:ack", 1..=3).await;
+    // b loads the topic before it answers: the ack names the version it starts from.
+    let mut client = WsClient::connect(b.addr).await;
+    let ack = client.subscribe(&["runs:ack"], &[], 9).await;
+    let epoch = epoch_of(a.addr, "runs:ack").await;
+    assert_eq!(ack["versions"]["runs:ack"], version_of(&epoch, 3), "{ack}");
+    // The stats topic is each node's own: published on b, it never goes through Redis.
+    let mut stats = WsClient::connect(b.addr).await;
+    stats.subscribe(&["_tidings:stats"], &[], 1).await;
+    let event = next_of(&mut stats, "event", "_tidings:stats").await;
+    assert!(event["data"]["connections"].is_u64(), "{event}");
+    let keys = redis.command(&["KEYS", "*_tidings*"]);
+    assert!(keys.starts_with("*0"), "no reserved topic in Redis: {keys}");
+}

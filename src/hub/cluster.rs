@@ -34,14 +34,19 @@ impl Interest {
         Interest { bus }
     }
 
-    /// `topic` got its first subscriber on this node.
+    /// `topic` got its first subscriber on this node (a reserved topic is this node's
+    /// own: the bus never hears of it).
     pub fn follow(&self, topic: &Arc<str>) {
-        self.bus.follow(topic.clone());
+        if !crate::topic::is_reserved(topic) {
+            self.bus.follow(topic.clone());
+        }
     }
 
     /// `topic` lost its last subscriber on this node.
     pub fn unfollow(&self, topic: &Arc<str>) {
-        self.bus.unfollow(topic.clone());
+        if !crate::topic::is_reserved(topic) {
+            self.bus.unfollow(topic.clone());
+        }
     }
 
     /// A subscription resumes from `from`, further back than this node's history.

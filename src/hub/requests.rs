@@ -19,7 +19,7 @@ use crate::proto::message::{
     ClientMessage, ServerMessage, SubscriptionRequest, TopicVersions, now_ms, parse_client,
 };
 use crate::proto::versioned::{encode_closed, encode_history_truncated};
-use crate::topic::index::{Index, Opening, SlotId, Sub};
+use crate::topic::index::{Ack, Index, Opening, SlotId, Sub};
 use crate::topic::{Filter, Pattern, Since, Version, validate_topic};
 
 /// Serves one protocol request; failures answer with `error` and keep the connection.
@@ -71,7 +71,11 @@ pub(super) fn serve(
                         index.wait(Opening {
                             slot,
                             topics,
-                            ack: Some(ack.to_frame()),
+                            ack: Some(Ack {
+                                id: req.id.clone(),
+                                topics: req.topics.clone(),
+                                patterns: req.patterns.clone(),
+                            }),
                         });
                         return;
                     }

@@ -34,7 +34,7 @@ use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
 use crate::proto::session::{Due, Mode, Output, Phase, Session, Timing};
 use crate::proto::sse;
 use crate::proto::versioned::encode_closed;
-use crate::topic::index::{Index, Opening, SlotId};
+use crate::topic::index::{Ack, Index, Opening, SlotId};
 use crate::topic::{EventFields, Version};
 
 /// The token of the shard's waker; connection tokens are slab keys.
@@ -298,7 +298,14 @@ impl Shard {
                 continue;
             };
             if let Some(ack) = opening.ack {
-                peer.send(ack);
+                let ack = ServerMessage::Subscribed {
+                    id: ack.id.as_ref(),
+                    topics: &ack.topics,
+                    patterns: &ack.patterns,
+                    versions: &crate::proto::message::TopicVersions::of(&marks),
+                    ts: now_ms(),
+                };
+                peer.send(ack.to_frame());
             }
             for frame in frames {
                 peer.send_message(frame);
@@ -1014,22 +1021,24 @@ fn open_subscription(
     let is_sse = matches!(peer.transport(), Transport::Sse(_));
     match subscribe(peer, slot, index, shared, request, base_ms) {
         Ok(opened) => {
-            let ack = (!is_sse).then(|| {
-                ServerMessage::Subscribed {
+            if let Some(topics) = opened.waiting {
+                let ack = (!is_sse).then(|| Ack {
+                    id: None,
+                    topics: request.topics.clone(),
+                    patterns: request.patterns.clone(),
+                });
+                index.wait(Opening { slot, topics, ack });
+                return;
+            }
+            if !is_sse {
+                let ack = ServerMessage::Subscribed {
                     id: None,
                     topics: &request.topics,
                     patterns: &request.patterns,
                     versions: &crate::proto::message::TopicVersions::of(&opened.marks),
                     ts: now_ms(),
-                }
-                .to_frame()
-            });
-            if let Some(topics) = opened.waiting {
-                index.wait(Opening { slot, topics, ack });
-                return;
-            }
-            if let Some(ack) = ack {
-                peer.send(ack);
+                };
+                peer.send(ack.to_frame());
             }
             for frame in opened.frames {
                 peer.send_message(frame);

@@ -325,7 +325,9 @@ impl Topics {
                 content: Content::Empty,
                 closed: false,
                 retired: false,
-                synced: !self.shared_bus,
+                // Reserved topics (the gateway's own, such as its stats) are this node's:
+                // they never go through a shared bus.
+                synced: !self.shared_bus || crate::topic::is_reserved(&name),
             }),
             subscribers: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),

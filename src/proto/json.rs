@@ -545,7 +545,12 @@ mod tests {
             b"\"\\ud800\"",
             b"\"\\udc00x\"",
         ] {
-            assert_eq!(validate(ok, 64).ok(), oracle(ok, 64), "{}", String::from_utf8_lossy(ok));
+            assert_eq!(
+                validate(ok, 64).ok(),
+                oracle(ok, 64),
+                "{}",
+                String::from_utf8_lossy(ok)
+            );
             assert!(validate(ok, 64).is_ok(), "{}", String::from_utf8_lossy(ok));
         }
         for bad in [
@@ -578,8 +583,17 @@ mod tests {
             b"\"\xed\xa0\x80\"",
             b"\"\xf4\x90\x80\x80\"",
         ] {
-            assert!(validate(bad, 64).is_err(), "{}", String::from_utf8_lossy(bad));
-            assert_eq!(oracle(bad, 64), None, "serde agrees: {}", String::from_utf8_lossy(bad));
+            assert!(
+                validate(bad, 64).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            assert_eq!(
+                oracle(bad, 64),
+                None,
+                "serde agrees: {}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let deep = "[".repeat(100) + &"]".repeat(100);
         assert_eq!(
@@ -594,15 +608,18 @@ mod tests {
             "depth is reported first, as before"
         );
         let very_deep = "[".repeat(300) + &"]".repeat(300);
-        assert!(validate(very_deep.as_bytes(), 1000).is_ok(), "past the bit stack");
+        assert!(
+            validate(very_deep.as_bytes(), 1000).is_ok(),
+            "past the bit stack"
+        );
     }
 
     /// JSON-like text: values, and values with one byte changed, dropped or added.
     fn json_text() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
         let pieces = prop::sample::select(vec![
-            "{", "}", "[", "]", ",", ":", " ", "\"", "\\", "\\u", "d83d", "\\ude00", "e", "E",
-            "-", "+", ".", "0", "1", "9", "true", "false", "null", "tru", "\"a\"", "\n", "\u{e9}",
+            "{", "}", "[", "]", ",", ":", " ", "\"", "\\", "\\u", "d83d", "\\ude00", "e", "E", "-",
+            "+", ".", "0", "1", "9", "true", "false", "null", "tru", "\"a\"", "\n", "\u{e9}",
         ]);
         prop_oneof![
             json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),

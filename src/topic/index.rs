@@ -57,8 +57,19 @@ pub struct Opening {
     /// Its topics, and the version each resumes from.
     pub topics: Vec<(Arc<str>, Option<crate::topic::Version>)>,
     /// The acknowledgement to send first, once they are attached (a WebSocket request's
-    /// `subscribed`).
-    pub ack: Option<bytes::Bytes>,
+    /// `subscribed`, with the versions the topics start from).
+    pub ack: Option<Ack>,
+}
+
+/// What a waiting request's `subscribed` acknowledgement names.
+#[derive(Debug)]
+pub struct Ack {
+    /// The request's `id`.
+    pub id: Option<serde_json::Value>,
+    /// Its topics, as asked.
+    pub topics: Vec<String>,
+    /// Its patterns, as asked.
+    pub patterns: Vec<String>,
 }
 
 #[derive(Debug, Default)]
