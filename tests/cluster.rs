@@ -264,33 +264,12 @@ async fn racing_state_writes_from_two_nodes_give_one_gap_free_version_sequence()
 
 /// A `tidings` node as its own process, so a test can kill it.
 async fn node_process(redis: &RedisServer) -> (tokio::process::Child, std::net::SocketAddr) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TIDINGS_") {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command
+    let mut command = tidings_command();
+    command
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("TIDINGS_BUS_KIND", "redis")
-        .env("TIDINGS_BUS_URL", redis.url())
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn tidings");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let line = within("the listening line", lines.next_line())
-        .await
-        .expect("read stdout")
-        .expect("tidings exited before listening");
-    let addr = line
-        .strip_prefix("tidings listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("a socket address");
-    (child, addr)
+        .env("TIDINGS_BUS_URL", redis.url());
+    tidings_serving(command).await
 }
 
 #[tokio::test]

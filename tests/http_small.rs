@@ -455,18 +455,6 @@ async fn if_none_match_on_a_poll_answers_304_until_the_page_changes() {
     assert_eq!(news.json()["events"][0]["data"], json!({"n": 4}));
 }
 
-/// The `tidings` binary with no `TIDINGS_*` variable from the test's environment.
-fn tidings_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TIDINGS_") {
-            command.env_remove(name);
-        }
-    }
-    command.kill_on_drop(true);
-    command
-}
-
 #[tokio::test]
 async fn serve_help_lists_every_key_and_where_they_are_documented() {
     let output = within(
@@ -498,22 +486,9 @@ async fn serve_help_lists_every_key_and_where_they_are_documented() {
 
 #[tokio::test]
 async fn serve_listens_on_a_host_name() {
-    let mut child = tidings_command()
-        .args(["serve", "--listen", "localhost:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn tidings");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let line = within("the listening line", lines.next_line())
-        .await
-        .expect("read stdout")
-        .expect("tidings exited before listening");
-    let addr = line
-        .strip_prefix("tidings listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
+    let mut command = tidings_command();
+    command.args(["serve", "--listen", "localhost:0"]);
+    let (mut child, addr) = tidings_serving(command).await;
     assert_eq!(addr.ip(), std::net::Ipv4Addr::LOCALHOST);
     let health = http_get(addr, "/healthz").await;
     assert_eq!(health.status, 200, "{health:?}");

@@ -401,6 +401,22 @@ impl RedisBus {
         }
     }
 
+    /// Runs a write script that answers `{status, epoch, offset}`: the version it
+    /// assigned, or the topic's refusal.
+    async fn write(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Version, Refusal> {
+        match self.invoke(invocation).await {
+            Ok(value) => match parse_outcome(&value) {
+                Some(Outcome::Ok(version)) => Ok(version),
+                Some(Outcome::Refused(why)) => Err(Refusal::Topic(why)),
+                None => Err(self.unavailable("unexpected script result").into()),
+            },
+            Err(e) => {
+                self.after_failed_write(&e);
+                Err(self.unavailable(e).into())
+            }
+        }
+    }
+
     /// Publishes an event; returns its version.
     pub async fn publish(&self, topic: &str, data: &[u8], ts: u64) -> Result<Version, Refusal> {
         self.check_healthy()?;
@@ -414,17 +430,7 @@ impl RedisBus {
             .arg(self.config.history_len.max(1))
             .arg(self.channel(topic))
             .arg(self.ttl_secs());
-        match self.invoke(&invocation).await {
-            Ok(value) => match parse_outcome(&value) {
-                Some(Outcome::Ok(version)) => Ok(version),
-                Some(Outcome::Refused(why)) => Err(Refusal::Topic(why)),
-                None => Err(self.unavailable("unexpected script result").into()),
-            },
-            Err(e) => {
-                self.after_failed_write(&e);
-                Err(self.unavailable(e).into())
-            }
-        }
+        self.write(&invocation).await
     }
 
     /// Closes a topic everywhere; returns the version it closed at.
@@ -437,17 +443,7 @@ impl RedisBus {
             .arg(Epoch::random().to_string())
             .arg(self.channel(topic))
             .arg(ts);
-        match self.invoke(&invocation).await {
-            Ok(value) => match parse_outcome(&value) {
-                Some(Outcome::Ok(version)) => Ok(version),
-                Some(Outcome::Refused(why)) => Err(Refusal::Topic(why)),
-                None => Err(self.unavailable("unexpected script result").into()),
-            },
-            Err(e) => {
-                self.after_failed_write(&e);
-                Err(self.unavailable(e).into())
-            }
-        }
+        self.write(&invocation).await
     }
 
     /// Reads a topic: the newest `count` entries, or (with `after`) up to `count` entries

@@ -165,3 +165,40 @@ impl Drop for TestGateway {
         }
     }
 }
+
+/// The `tidings` binary with no `TIDINGS_*` variable from the test's environment, killed
+/// when dropped.
+pub fn tidings_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TIDINGS_") {
+            command.env_remove(name);
+        }
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+/// Starts `command` (a `tidings serve`) and reads the address from its first line,
+/// `tidings listening on http://ADDR`.
+pub async fn tidings_serving(
+    mut command: tokio::process::Command,
+) -> (tokio::process::Child, SocketAddr) {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn tidings");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = within("the listening line", lines.next_line())
+        .await
+        .expect("read stdout")
+        .expect("tidings exited before listening");
+    let addr = line
+        .strip_prefix("tidings listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("a socket address");
+    (child, addr)
+}
