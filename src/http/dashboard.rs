@@ -221,14 +221,7 @@ pub(crate) async fn list_topics<B>(hub: &Hub, req: &Request<B>) -> Response<Full
     let mut limit = DEFAULT_TOPICS_LIMIT;
     let mut after = None;
     let mut prefix = String::new();
-    for pair in req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (key, value) in super::query_pairs(req.uri()) {
         match key {
             "limit" => match value.parse::<usize>() {
                 Ok(n) if (1..=MAX_TOPICS_LIMIT).contains(&n) => limit = n,

@@ -325,20 +325,23 @@ const DEFAULT_POLL_LIMIT: usize = 100;
 /// Most events one poll returns: bounds what a single request can cost.
 const MAX_POLL_LIMIT: usize = 1000;
 
+/// The `key=value` pairs of a URI's query, still percent-encoded; a pair without `=` has
+/// an empty value.
+pub(crate) fn query_pairs(uri: &http::Uri) -> impl Iterator<Item = (&str, &str)> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
 /// `GET /v1/topics/{topic}/events?since=N&limit=M&wait=S`: the polling fallback; with
 /// `wait`, a long-poll that answers as soon as something newer exists.
 async fn poll(hub: &Hub, topic: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let mut since = String::new();
     let mut limit = DEFAULT_POLL_LIMIT;
     let mut wait = std::time::Duration::ZERO;
-    for pair in req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (key, value) in query_pairs(req.uri()) {
         match key {
             "since" => since = percent_decode(value),
             "limit" => match value.parse::<usize>() {

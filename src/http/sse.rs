@@ -63,13 +63,7 @@ pub(crate) fn prepare(
     };
     let mut request = SubscriptionRequest::default();
     let mut last_event_id = None;
-    for pair in uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (key, value) in super::query_pairs(uri) {
         let value = percent_decode(value);
         let list = || {
             value
