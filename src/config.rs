@@ -184,6 +184,9 @@ pub struct Config {
     /// connection task and buffers; see docs/BENCHMARKS.md): keep it well below
     /// `max_handshakes`, so waiting polls never take every place new connections need.
     pub max_poll_waiters: usize,
+    /// Most items in one `POST /v1/publish` batch (its body is bounded by
+    /// `max_publish_bytes` like any publication).
+    pub max_batch_items: usize,
     /// Authentication and authorization (`[auth]`; `TIDINGS_AUTH_<KEY>` in the
     /// environment). The default authenticates no one and lets everyone do everything,
     /// which [`Config::load`] accepts only on a loopback `listen` address.
@@ -238,6 +241,7 @@ impl Default for Config {
             sse_retry: Duration::from_secs(3),
             max_poll_wait: Duration::from_secs(30),
             max_poll_waiters: 512,
+            max_batch_items: 1000,
             auth: AuthConfig::default(),
             bus: BusConfig::default(),
         }
@@ -343,6 +347,8 @@ setters! {
     max_poll_wait: Duration,
     /// Sets [`Config::max_poll_waiters`].
     max_poll_waiters: usize,
+    /// Sets [`Config::max_batch_items`].
+    max_batch_items: usize,
     /// Sets [`Config::auth`].
     auth: AuthConfig,
     /// Sets [`Config::bus`].

@@ -63,6 +63,17 @@ pub(crate) async fn publish<B>(
     Ok(())
 }
 
+/// A batch of writes (`POST /v1/publish`): not a cross-site browser request, and a
+/// credential, authenticated once; each item's topic is then checked against the
+/// identity's publish grant.
+pub(crate) async fn batch<B>(
+    hub: &Hub,
+    req: &Request<B>,
+) -> Result<Identity, Response<Full<Bytes>>> {
+    origin::check_write(req.headers(), &hub.config().allowed_origins).map_err(refusal)?;
+    identity(hub, req).await.map_err(refusal)
+}
+
 /// Closing a topic: not a cross-site browser request, and an admin identity.
 pub(crate) async fn close<B>(hub: &Hub, req: &Request<B>) -> Result<(), Response<Full<Bytes>>> {
     origin::check_write(req.headers(), &hub.config().allowed_origins).map_err(refusal)?;

@@ -1,6 +1,7 @@
 //! HTTP endpoints: routing, publishing, polling and long-polling, the WebSocket upgrade,
 //! SSE requests, health, stats and metrics.
 
+mod batch;
 mod conditional;
 pub(crate) mod context;
 pub(crate) mod dashboard;
@@ -160,6 +161,10 @@ async fn routes(
             }
             _ => method_not_allowed("GET"),
         },
+        ["v1", "publish"] => match *req.method() {
+            Method::POST => batch::publish(hub, req).await,
+            _ => method_not_allowed("POST"),
+        },
         ["v1", "topics", topic, "events"] => {
             let topic = percent_decode(topic);
             match *req.method() {
@@ -253,6 +258,20 @@ struct PublishedBody<'a> {
 
 /// The HTTP answer to a refused publication or state write.
 pub(crate) fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
+    let (status, code, retry_after) = classify(e);
+    let response = error_response(status, code, &e.to_string());
+    match retry_after {
+        Some(after) => with_retry_after(response, after),
+        None => response,
+    }
+}
+
+/// A refused write's status, stable code and, for a refusal that passes, when to retry:
+/// the same for one request and for each item of a batch.
+pub(crate) fn classify(
+    e: &PublishError,
+) -> (StatusCode, &'static str, Option<std::time::Duration>) {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
     let (status, code) = match e {
         PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
         PublishError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
@@ -264,24 +283,19 @@ pub(crate) fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
             (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
         }
         PublishError::Overloaded { retry_after } => {
-            return with_retry_after(
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    &e.to_string(),
-                ),
-                *retry_after,
-            );
+            return (unavailable, "overloaded", Some(*retry_after));
         }
-        PublishError::Bus(e) => return bus_error(e),
+        PublishError::Bus(crate::BusError::Unavailable(_)) => {
+            return (unavailable, "bus_unavailable", Some(BUS_RETRY_AFTER));
+        }
+        PublishError::Bus(crate::BusError::Contended) => {
+            return (unavailable, "state_contended", Some(BUS_RETRY_AFTER));
+        }
         PublishError::Topic(TopicError::TooManyTopics { .. }) => {
-            return with_retry_after(
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too_many_topics",
-                    &e.to_string(),
-                ),
-                TOO_MANY_TOPICS_RETRY_AFTER,
+            return (
+                unavailable,
+                "too_many_topics",
+                Some(TOO_MANY_TOPICS_RETRY_AFTER),
             );
         }
         PublishError::Topic(TopicError::StateBudget { .. }) => {
@@ -289,7 +303,7 @@ pub(crate) fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
         }
         PublishError::Topic(TopicError::Closed(_)) => (StatusCode::CONFLICT, "topic_closed"),
         // `Hub` looks a retired topic up again; this is never returned to a client.
-        PublishError::Topic(TopicError::Retired(_)) => (StatusCode::SERVICE_UNAVAILABLE, "retry"),
+        PublishError::Topic(TopicError::Retired(_)) => (unavailable, "retry"),
         PublishError::Topic(TopicError::WrongKind { .. }) => {
             (StatusCode::CONFLICT, "wrong_topic_kind")
         }
@@ -301,7 +315,7 @@ pub(crate) fn publish_error(e: &PublishError) -> Response<Full<Bytes>> {
             p.code(),
         ),
     };
-    error_response(status, code, &e.to_string())
+    (status, code, None)
 }
 
 /// What a `503 too_many_topics` tells the publisher: idle topics are swept about this often
