@@ -655,10 +655,16 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let read = tokio::time::timeout(
-        deadline.timeout,
-        Limited::new(req.into_body(), limit).collect(),
-    );
+    let mut body = Limited::new(req.into_body(), limit);
+    // A small body usually arrived with its head and is ready at once: read what is ready
+    // without a timer or a shutdown registration (both cost more than the publish).
+    let mut ready = bytes::BytesMut::new();
+    match take_ready(&mut body, &mut ready) {
+        Some(Ok(())) => return Ok(ready.freeze()),
+        Some(Err(e)) => return Err(body_error(e, too_large)),
+        None => {}
+    }
+    let read = tokio::time::timeout(deadline.timeout, body.collect());
     let read = tokio::select! {
         read = read => read,
         () = deadline.stop.cancelled() => return Err(context::shutting_down_response()),
@@ -667,14 +673,51 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Respon
         return Err(context::request_timeout_response());
     };
     match read {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("could not read the request body: {e}"),
-        )),
+        Ok(collected) if ready.is_empty() => Ok(collected.to_bytes()),
+        Ok(collected) => {
+            ready.extend_from_slice(&collected.to_bytes());
+            Ok(ready.freeze())
+        }
+        Err(e) => Err(body_error(e, too_large)),
     }
+}
+
+/// Appends the frames of `body` that are ready now to `ready`, polling with a no-op waker:
+/// `Some(Ok)` if that was the whole body, `None` if more is to come (the caller then waits
+/// for it as usual, which registers the real waker).
+#[allow(clippy::type_complexity)]
+fn take_ready(
+    body: &mut Limited<Incoming>,
+    ready: &mut bytes::BytesMut,
+) -> Option<Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        match hyper::body::Body::poll_frame(std::pin::Pin::new(&mut *body), &mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    ready.extend_from_slice(data);
+                }
+            }
+            std::task::Poll::Ready(None) => return Some(Ok(())),
+            std::task::Poll::Ready(Some(Err(e))) => return Some(Err(e)),
+            std::task::Poll::Pending => return None,
+        }
+    }
+}
+
+/// The answer to a body that could not be read: too large, or broken off.
+fn body_error(
+    e: Box<dyn std::error::Error + Send + Sync>,
+    too_large: impl FnOnce() -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    if e.is::<http_body_util::LengthLimitError>() {
+        return too_large();
+    }
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        &format!("could not read the request body: {e}"),
+    )
 }
 
 /// Decodes `%XX` escapes in a path segment (a client may escape the `:` of a topic).
