@@ -110,14 +110,7 @@ fn main() -> ExitCode {
         echo,
         log,
     } = parse_cli().command;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_tracing(&log);
     let mut flags = Vec::new();
     if let Some(listen) = listen {
         flags.push(("listen".to_string(), toml::Value::from(listen)));
@@ -230,4 +223,23 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Logs to stderr, filtered by `--log` / `TIDINGS_LOG`; with the `console` feature (and
+/// `--cfg tokio_unstable`), also serves tokio-console on 127.0.0.1:6669
+/// (`TOKIO_CONSOLE_BIND` to change it).
+fn init_tracing(log: &str) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(logs);
+    #[cfg(feature = "console")]
+    let registry = registry.with(console_subscriber::spawn());
+    registry.init();
 }
