@@ -35,7 +35,8 @@ pub enum BusKind {
 }
 
 /// The `[bus]` section: how nodes share topics (`TIDINGS_BUS_<KEY>` in the environment).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` hides a password in `url`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
     /// `local` (the default: one node, nothing shared) or `redis`.
@@ -59,6 +60,35 @@ pub struct BusConfig {
     /// again.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+impl BusConfig {
+    /// `url` with any password replaced by `***`, for logs and errors.
+    pub fn shown_url(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => self.url.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("kind", &self.kind)
+            .field("url", &self.shown_url())
+            .field("prefix", &self.prefix)
+            .field("history_len", &self.history_len)
+            .field("topic_ttl", &self.topic_ttl)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl Default for BusConfig {
@@ -267,6 +297,18 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_never_shown() {
+        let with = BusConfig {
+            url: "redis://app:s3cret@10.0.0.5:6379/0".into(),
+            ..BusConfig::default()
+        };
+        assert_eq!(with.shown_url(), "redis://app:***@10.0.0.5:6379/0");
+        assert!(!format!("{with:?}").contains("s3cret"));
+        let without = BusConfig::default();
+        assert_eq!(without.shown_url(), without.url);
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub(crate) struct RedisBus {
 impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBus")
-            .field("url", &self.config.url)
+            .field("url", &self.config.shown_url())
             .field("healthy", &self.healthy.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -214,7 +214,7 @@ impl RedisBus {
         let invalid = |e: redis::RedisError| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("bus.url {:?}: {e}", config.url),
+                format!("bus.url {:?}: {e}", config.shown_url()),
             )
         };
         let client = redis::Client::open(config.url.as_str()).map_err(invalid)?;
@@ -243,7 +243,10 @@ impl RedisBus {
             .map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::ConnectionRefused,
-                    format!("bus.url {:?}: Redis does not answer: {e}", config.url),
+                    format!(
+                        "bus.url {:?}: Redis does not answer: {e}",
+                        config.shown_url()
+                    ),
                 )
             })?;
         let (follow, follow_rx) = mpsc::unbounded_channel();
@@ -670,7 +673,7 @@ async fn health(bus: Weak<RedisBus>, node: Weak<dyn Node>) {
             tracing::info!("redis answers again; reloading followed topics");
             let _ = engine.follow.send(Follow::Resync);
         } else if !answered && was {
-            tracing::warn!(url = %engine.config.url, "redis does not answer; writes refused");
+            tracing::warn!(url = %engine.config.shown_url(), "redis does not answer; writes refused");
         }
         drop(engine);
         tokio::time::sleep(period).await;
