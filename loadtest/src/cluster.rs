@@ -11,6 +11,7 @@
 //! rate, drain) over several servers: latency, loss and duplicates over all subscribers
 //! and per node, CPU per delivery per node, Redis CPU per publication.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use crate::Result;
 use crate::conn::Transport;
 use crate::coord::{Aggregate, Workers};
 use crate::offsets::Ranges;
-use crate::redis_server::RedisServer;
+use crate::redis_server::{CommandStat, RedisServer};
 use crate::report::{Row, listing, mib, round};
 use crate::run::{self, ClientOpts, Plan, PublishTotals, Publishing, SAMPLE_EVERY};
 use crate::target::{ProcSample, Target};
@@ -107,8 +108,13 @@ pub struct ClusterData {
     pub publish: PublishTotals,
     /// Redis when publishing started, if the configuration has one.
     pub redis_start: Option<ProcSample>,
-    /// Redis once the drain finished.
-    pub redis_drained: Option<ProcSample>,
+    /// Redis once the last publication was answered. Its part of a publication is done by
+    /// then (the script ran, the message went out to the nodes), and a long drain would
+    /// add only Redis' own timers.
+    pub redis_published: Option<ProcSample>,
+    /// What Redis says it spent in each command over the whole run (`INFO commandstats`),
+    /// if it answered.
+    pub redis_commands: Option<BTreeMap<String, CommandStat>>,
     /// Largest Redis RSS seen while publishing.
     pub redis_rss_max: Option<u64>,
 }
@@ -252,10 +258,18 @@ pub fn run_nodes(
         opts,
         || track_peaks(nodes, &mut peaks, redis.as_deref(), &mut redis_peak),
     )?;
+    let redis_published = redis.as_deref().and_then(RedisServer::sample);
     workers.stop(published, Ranges::default(), opts.drain)?;
     let results = workers.collect_each()?;
     let drained: Vec<Option<ProcSample>> = nodes.iter().map(Target::sample).collect();
-    let redis_drained = redis.as_deref().and_then(RedisServer::sample);
+    let redis_commands = match redis.as_deref().map(RedisServer::command_stats) {
+        Some(Ok(stats)) => Some(stats),
+        Some(Err(e)) => {
+            eprintln!("cluster: INFO commandstats: {e}");
+            None
+        }
+        None => None,
+    };
 
     let mut node_data = Vec::with_capacity(nodes.len());
     for (k, node) in nodes.iter_mut().enumerate() {
@@ -276,7 +290,8 @@ pub fn run_nodes(
         agg: Aggregate::of(&results)?,
         publish: totals,
         redis_start,
-        redis_drained,
+        redis_published,
+        redis_commands,
         redis_rss_max: redis_peak,
     })
 }
@@ -307,6 +322,25 @@ fn per_node<T: Into<Value>>(d: &ClusterData, f: impl Fn(&NodeData) -> Option<T>)
 /// µs of `cpu_s` per one of `n`, if there were any.
 fn micros_per(cpu_s: f64, n: u64) -> Option<f64> {
     (n > 0).then(|| round(cpu_s * 1e6 / n as f64, 3))
+}
+
+/// Commands by time spent, most first: `evalsha 300 × 41.2 µs, ping 90 × 0.5 µs`.
+fn command_listing(stats: &BTreeMap<String, CommandStat>) -> String {
+    let mut by_time: Vec<(&String, &CommandStat)> = stats.iter().collect();
+    by_time.sort_by_key(|c| std::cmp::Reverse(c.1.usec));
+    let items: Vec<String> = by_time
+        .iter()
+        .filter(|(_, c)| c.calls > 0)
+        .map(|(name, c)| {
+            let per = c.usec as f64 / c.calls as f64;
+            format!("{name} {} × {per:.1} µs", c.calls)
+        })
+        .collect();
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// The figures of one configuration. `single_p99_ms`, the single node's p99 in the same
@@ -403,7 +437,7 @@ pub fn row(label: &str, d: &ClusterData, single_p99_ms: Option<f64>) -> Row {
         "µs/delivery, all nodes",
         all_cpu.and_then(|c| micros_per(c, a.deliveries)),
     );
-    let redis_cpu = cpu_between(d.redis_start, d.redis_drained);
+    let redis_cpu = cpu_between(d.redis_start, d.redis_published);
     r.opt(
         "redis_cpu_s",
         "redis cpu s",
@@ -413,6 +447,26 @@ pub fn row(label: &str, d: &ClusterData, single_p99_ms: Option<f64>) -> Row {
         "redis_us_per_publication",
         "redis µs/publication",
         redis_cpu.and_then(|c| micros_per(c.0 + c.1, d.publish.accepted)),
+    );
+    // Time in scripts: the publish script, plus each node's one load of the topic. Redis
+    // also lists the commands a script calls (`xadd`, `publish`, ...) on their own lines,
+    // and a script's time includes theirs, so the lines do not add up.
+    let script_us = d.redis_commands.as_ref().map(|m| {
+        ["evalsha", "eval"]
+            .iter()
+            .filter_map(|k| m.get(*k))
+            .map(|c| c.usec)
+            .sum::<u64>()
+    });
+    r.opt(
+        "redis_script_us_per_publication",
+        "redis script µs/publication",
+        script_us.and_then(|u| micros_per(u as f64 / 1e6, d.publish.accepted)),
+    );
+    r.opt(
+        "redis_commands",
+        "redis commands",
+        d.redis_commands.as_ref().map(command_listing),
     );
     r.add(
         "node_rss_connected_mib",
@@ -510,10 +564,28 @@ mod tests {
                 user_s: 0.0,
                 sys_s: 0.0,
             }),
-            redis_drained: (config == Config::Cluster).then_some(ProcSample {
+            redis_published: (config == Config::Cluster).then_some(ProcSample {
                 rss: 1 << 20,
                 user_s: 0.03,
                 sys_s: 0.03,
+            }),
+            redis_commands: (config == Config::Cluster).then(|| {
+                BTreeMap::from([
+                    (
+                        "evalsha".to_string(),
+                        CommandStat {
+                            calls: 300,
+                            usec: 12_000,
+                        },
+                    ),
+                    (
+                        "ping".to_string(),
+                        CommandStat {
+                            calls: 100,
+                            usec: 50,
+                        },
+                    ),
+                ])
             }),
             redis_rss_max: None,
         }
@@ -540,6 +612,12 @@ mod tests {
         // 0.06 s over 300 publications.
         assert_eq!(metric(&c, "redis_us_per_publication"), &json!(200.0));
         assert!(metric(&s, "redis_us_per_publication").is_null());
+        // 12,000 µs of scripts over 300 publications (the ping is not a script).
+        assert_eq!(metric(&c, "redis_script_us_per_publication"), &json!(40.0));
+        assert_eq!(
+            metric(&c, "redis_commands"),
+            &json!("evalsha 300 × 40.0 µs, ping 100 × 0.5 µs")
+        );
         assert_eq!(metric(&s, "bus"), &json!("local"));
         assert_eq!(metric(&c, "nodes_exited"), &json!("none"));
     }

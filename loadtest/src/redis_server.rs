@@ -1,10 +1,13 @@
 //! A `redis-server` of the harness's own for the `cluster` scenario: on a free loopback
 //! port, in a fresh temporary directory, with persistence off, stopped (and its directory
-//! removed) when dropped. Nothing here speaks the Redis protocol: the nodes do; the
-//! harness only needs the process for its CPU and memory.
+//! removed) when dropped. The nodes speak the Redis protocol; the harness needs the process
+//! for its CPU and memory, and asks it one thing, `INFO commandstats`: the time Redis spent
+//! in each command, which (unlike `/proc` with its 10 ms ticks and Redis' own idle timers)
+//! is the cost of the publications alone.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -22,6 +25,12 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long it gets to exit after SIGTERM before SIGKILL (persistence is off, so
 /// shutting down has nothing to write).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the `INFO` exchange may take (a local Redis answers in microseconds).
+const INFO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest `INFO` reply accepted (`commandstats` is a few KiB).
+const MAX_INFO: usize = 1 << 20;
 
 /// Attempts at a free port: the port is found by binding port 0 and closing it again, so
 /// another process may take it before Redis binds it; Redis then exits and we try another.
@@ -112,6 +121,94 @@ impl RedisServer {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// The calls and time of every command Redis ran since it started (`INFO
+    /// commandstats`), by command name.
+    pub fn command_stats(&self) -> Result<BTreeMap<String, CommandStat>> {
+        let mut s = TcpStream::connect_timeout(&self.addr, INFO_TIMEOUT)?;
+        s.set_read_timeout(Some(INFO_TIMEOUT))?;
+        s.set_write_timeout(Some(INFO_TIMEOUT))?;
+        // An inline command: one line, no RESP array needed.
+        s.write_all(b"INFO commandstats\r\n")?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(reply) = bulk_reply(&buf)? {
+                let text = std::str::from_utf8(reply).map_err(|_| "INFO reply is not UTF-8")?;
+                return Ok(parse_commandstats(text));
+            }
+            if buf.len() > MAX_INFO {
+                return Err("INFO reply too large".into());
+            }
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Err("redis-server closed the INFO connection".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// One command's line of `INFO commandstats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommandStat {
+    /// Times it ran.
+    pub calls: u64,
+    /// Microseconds Redis spent in it, in all. A script's time includes the commands it
+    /// calls, which are also counted on their own lines.
+    pub usec: u64,
+}
+
+/// The payload of a complete RESP bulk string reply (`$<len>\r\n<bytes>\r\n`) at the start
+/// of `buf`: `Ok(None)` while more bytes are needed, an error for an error reply (`-ERR ..`)
+/// or anything else.
+pub fn bulk_reply(buf: &[u8]) -> Result<Option<&[u8]>> {
+    let Some(eol) = memchr::memmem::find(buf, b"\r\n") else {
+        return Ok(None);
+    };
+    let head = &buf[..eol];
+    match head.first() {
+        Some(b'$') => {}
+        Some(b'-') => {
+            return Err(format!("redis-server: {}", String::from_utf8_lossy(&head[1..])).into());
+        }
+        _ => return Err("unexpected reply from redis-server".into()),
+    }
+    let len: usize = std::str::from_utf8(&head[1..])
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .ok_or("bad bulk length from redis-server")?;
+    let start = eol + 2;
+    let end = start.checked_add(len).ok_or("bad bulk length")?;
+    if buf.len() < end + 2 {
+        return Ok(None);
+    }
+    Ok(Some(&buf[start..end]))
+}
+
+/// The `cmdstat_<name>:calls=N,usec=U,...` lines of an `INFO commandstats` reply (other
+/// lines, and fields it does not know, are ignored).
+pub fn parse_commandstats(text: &str) -> BTreeMap<String, CommandStat> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some((name, fields)) = line
+            .trim()
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let mut stat = CommandStat::default();
+        for field in fields.split(',') {
+            match field.split_once('=') {
+                Some(("calls", v)) => stat.calls = v.parse().unwrap_or(0),
+                Some(("usec", v)) => stat.usec = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        out.insert(name.to_string(), stat);
+    }
+    out
 }
 
 impl Drop for RedisServer {
@@ -208,6 +305,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bulk_replies_wait_for_their_last_byte() {
+        assert_eq!(bulk_reply(b"").unwrap(), None);
+        assert_eq!(bulk_reply(b"$5\r\nhel").unwrap(), None);
+        assert_eq!(bulk_reply(b"$5\r\nhello").unwrap(), None);
+        assert_eq!(bulk_reply(b"$5\r\nhello\r\n").unwrap(), Some(&b"hello"[..]));
+        assert!(bulk_reply(b"-ERR unknown command\r\n").is_err());
+        assert!(bulk_reply(b"+OK\r\n").is_err());
+        assert!(bulk_reply(b"$x\r\n").is_err());
+        assert!(bulk_reply(b"$99999999999999999999999\r\n").is_err());
+    }
+
+    #[test]
+    fn commandstats_lines_by_command() {
+        let text = "# Commandstats\r\n\
+                    cmdstat_evalsha:calls=300,usec=12345,usec_per_call=41.15,rejected_calls=0,failed_calls=0\r\n\
+                    cmdstat_ping:calls=90,usec=45,usec_per_call=0.50\r\n\
+                    cmdstat_broken\r\n";
+        let stats = parse_commandstats(text);
+        assert_eq!(stats.len(), 2);
+        assert_eq!(
+            stats["evalsha"],
+            CommandStat {
+                calls: 300,
+                usec: 12345
+            }
+        );
+        assert_eq!(stats["ping"].calls, 90);
+    }
+
+    #[test]
     fn last_lines_keeps_the_tail() {
         assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc");
         assert_eq!(last_lines("a", 5), "a");
@@ -231,6 +358,8 @@ mod tests {
         let mut buf = [0u8; 7];
         std::io::Read::read_exact(&mut s, &mut buf).unwrap();
         assert_eq!(&buf, b"+PONG\r\n");
+        let stats = server.command_stats().unwrap();
+        assert_eq!(stats["ping"].calls, 1, "{stats:?}");
         let dir = server.dir.clone();
         drop(server);
         assert!(!dir.exists());
