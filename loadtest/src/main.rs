@@ -423,6 +423,9 @@ fn measure(cmd: Cmd) -> Result<()> {
             let [server] = common.spawn.as_slice() else {
                 return Err("cluster spawns its nodes: give exactly one --spawn PATH".into());
             };
+            if common.warmup > 0 {
+                return Err("cluster has no warm-up: drop --warmup".into());
+            }
             let plan = ClusterPlan {
                 server: server.clone(),
                 server_args: common.server_args.clone(),
