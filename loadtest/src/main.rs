@@ -154,8 +154,9 @@ enum Cmd {
     },
     /// Several nodes on one Redis against one node alone, in the same run: the harness
     /// starts its own redis-server and `--nodes` nodes of the one `--spawn` binary with
-    /// `TIDINGS_BUS_KIND=redis`, subscribes `-n` subscribers on each node, publishes
-    /// through the first node, then measures one node on the local bus the same way.
+    /// `TIDINGS_BUS_KIND=redis`, subscribes `-n` subscribers on each node and publishes
+    /// through the first node; one node on the local bus is measured the same way, before
+    /// or after (`--configs`).
     /// Latency over all subscribers and per node, loss, duplicates, CPU per delivery per
     /// node, Redis CPU per publication, RSS.
     #[command(
