@@ -188,7 +188,13 @@ impl Workers {
     }
 
     /// Waits for every worker's result (after [`Workers::stop`]) and merges them.
-    pub fn collect(mut self) -> Result<Aggregate> {
+    pub fn collect(self) -> Result<Aggregate> {
+        Aggregate::of(&self.collect_each()?)
+    }
+
+    /// Waits for every worker's result (after [`Workers::stop`]), in the order of the
+    /// specs the workers were spawned with, so that callers can merge groups of them.
+    pub fn collect_each(mut self) -> Result<Vec<WorkerResult>> {
         let deadline = self
             .report_by
             .unwrap_or_else(|| Instant::now() + REPORT_GRACE);
@@ -201,8 +207,7 @@ impl Workers {
         for c in &mut self.children {
             let _ = c.wait();
         }
-        let results: Vec<WorkerResult> = self.results.iter_mut().filter_map(Option::take).collect();
-        Aggregate::of(&results)
+        Ok(self.results.iter_mut().filter_map(Option::take).collect())
     }
 }
 
@@ -251,7 +256,8 @@ pub struct Aggregate {
 }
 
 impl Aggregate {
-    fn of(results: &[WorkerResult]) -> Result<Aggregate> {
+    /// The results of several workers merged (counters summed, histograms added).
+    pub fn of(results: &[WorkerResult]) -> Result<Aggregate> {
         let mut hist: Histogram<u64> = histo::new();
         let mut a = Aggregate::default();
         let merge = |into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>| {

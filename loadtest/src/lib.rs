@@ -9,6 +9,8 @@
 //! - [`coord`]: the coordinator's handle on worker processes and result merging;
 //! - [`run`]: one measured run (connect, churn, publish, drain, sample the server);
 //! - [`scenarios`]: `idle`, `fanout`, `churn`, `slow` as plans and figures;
+//! - [`cluster`]: several nodes on one Redis ([`redis_server`], the harness's own) against
+//!   one node alone, driven like `fanout` over several servers;
 //! - [`flood`]: publishers as fast as they can against a bounded gateway, a control topic,
 //!   and the exact delivery check of [`offsets`];
 //! - [`stall`]: stalled request heads and bodies from one address, connect attempts
@@ -23,12 +25,14 @@
 //! subscriber).
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod conn;
 pub mod coord;
 pub mod flood;
 pub mod histo;
 pub mod offsets;
 pub mod publisher;
+pub mod redis_server;
 pub mod report;
 pub mod run;
 pub mod scenarios;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use tidings_loadtest::Result;
+use tidings_loadtest::cluster::{self, ClusterPlan, Config};
 use tidings_loadtest::conn::Transport;
 use tidings_loadtest::flood::{self, FloodPlan};
 use tidings_loadtest::report::{self, Row};
@@ -150,6 +151,44 @@ enum Cmd {
         /// Longest all attempts may take (s); the rest are not made.
         #[arg(long, default_value_t = 120)]
         max_secs: u64,
+    },
+    /// Several nodes on one Redis against one node alone, in the same run: the harness
+    /// starts its own redis-server and `--nodes` nodes of the one `--spawn` binary with
+    /// `TIDINGS_BUS_KIND=redis`, subscribes `-n` subscribers on each node and publishes
+    /// through the first node; one node on the local bus is measured the same way, before
+    /// or after (`--configs`).
+    /// Latency over all subscribers and per node, loss, duplicates, CPU per delivery per
+    /// node, Redis CPU per publication, RSS.
+    #[command(
+        mut_arg("subscribers", |a| a
+            .default_value("15000")
+            .help("Subscribers on each node (the single node too, unless --single-subscribers)")),
+        mut_arg("drain_ms", |a| a.default_value("30000"))
+    )]
+    Cluster {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+        /// Nodes of the cluster configuration.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Subscribers of the single node [default: -n].
+        #[arg(long)]
+        single_subscribers: Option<usize>,
+        /// Configurations to measure, in this order: `single` (one node, local bus, no
+        /// Redis) and `cluster` (`--nodes` nodes on one Redis).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "single,cluster"
+        )]
+        configs: Vec<Config>,
+        /// The redis-server binary (started on a free loopback port, in a temporary
+        /// directory, without persistence).
+        #[arg(long, default_value = "redis-server")]
+        redis_server: PathBuf,
     },
     /// Internal: one client worker process (spec and commands on stdin).
     #[command(hide = true)]
@@ -374,6 +413,36 @@ fn measure(cmd: Cmd) -> Result<()> {
             });
             return measure_flood(&common, &plan, params);
         }
+        Cmd::Cluster {
+            common,
+            load,
+            nodes,
+            single_subscribers,
+            configs,
+            redis_server,
+        } => {
+            let [server] = common.spawn.as_slice() else {
+                return Err("cluster spawns its nodes: give exactly one --spawn PATH".into());
+            };
+            if common.warmup > 0 {
+                return Err("cluster has no warm-up: drop --warmup".into());
+            }
+            let plan = ClusterPlan {
+                server: server.clone(),
+                server_args: common.server_args.clone(),
+                redis_server,
+                nodes,
+                per_node: load.subscribers,
+                single: single_subscribers.unwrap_or(load.subscribers),
+                topics: load.topics.max(1),
+                publish: Publishing {
+                    rate: load.rate,
+                    payload: load.payload,
+                    duration: Duration::from_secs_f64(load.duration.max(0.0)),
+                },
+            };
+            return measure_cluster(&common, &plan, &configs);
+        }
         Cmd::Stall {
             common,
             attack_addr,
@@ -502,4 +571,43 @@ fn measure_flood(common: &Common, plan: &FloodPlan, params: serde_json::Value) -
         violations.join(", ")
     )
     .into())
+}
+
+/// `cluster`: every configuration once per transport, then one row each, the cluster's
+/// p99 compared with the single node's of the same transport.
+fn measure_cluster(common: &Common, plan: &ClusterPlan, configs: &[Config]) -> Result<()> {
+    if configs.is_empty() {
+        return Err("--configs needs at least one of single, cluster".into());
+    }
+    let opts = client_opts(common);
+    let mut measured = Vec::new();
+    for &transport in &common.transport {
+        let opts = ClientOpts {
+            transport,
+            ..opts.clone()
+        };
+        for &config in configs {
+            measured.push((transport, cluster::measure(plan, config, &opts)?));
+        }
+    }
+    let rows: Vec<Row> = measured
+        .iter()
+        .map(|(transport, d)| {
+            let single_p99 = measured
+                .iter()
+                .find(|(t, s)| t == transport && s.config == Config::Single)
+                .map(|(_, s)| s.agg.latency.p99_ms);
+            let mut row = cluster::row(&cluster::label(d, *transport), d, single_p99);
+            row.add("transport", "transport", transport.name());
+            row
+        })
+        .collect();
+    let params = cluster::params(plan, configs);
+    if common.json {
+        let doc = report::to_json("cluster", params, &rows);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", report::to_table(&format!("cluster {params}"), &rows));
+    }
+    Ok(())
 }

@@ -106,6 +106,8 @@ fn cell(v: &Value) -> String {
             _ => n.to_string(),
         },
         Value::String(s) => s.clone(),
+        // One value per node (or per part): `a / b / c`.
+        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(" / "),
         other => other.to_string(),
     }
 }
@@ -168,6 +170,9 @@ mod tests {
         let t = to_table("fanout", &[a.clone(), b]);
         assert!(t.contains("p99 ms   12.35    13.00"), "{t}");
         assert!(t.contains("rss MiB      -        7"), "{t}");
+        let mut c = Row::new("3 nodes");
+        c.add("p99_ms", "p99 ms", json!([1.5, 2, null]));
+        assert!(to_table("cluster", &[c]).contains("1.50 / 2 / -"));
         let j = to_json("fanout", json!({}), &[a]);
         assert_eq!(j["results"][0]["target"], "floor");
         assert!(j["results"][0]["rss"].is_null());

@@ -2,6 +2,7 @@
 //! processes, optionally churn and publish, drain, and sample the server's memory and CPU
 //! at each step. The scenarios are different [`Plan`]s over this one driver.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -136,14 +137,24 @@ pub(crate) fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
 /// The worker processes' specs for `plan`: connections split evenly, each process
 /// within the per-process open-file budget.
 pub(crate) fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<WorkerSpec> {
+    specs_at(target.addr, 0, plan, opts)
+}
+
+/// [`specs`] for the server at `addr`, numbering the connections from `first` (several
+/// servers' workers then spread over the source addresses and topics as one set does).
+pub(crate) fn specs_at(
+    addr: SocketAddr,
+    mut first: usize,
+    plan: &Plan,
+    opts: &ClientOpts,
+) -> Vec<WorkerSpec> {
     let per = opts.per_process.max(1);
     let n = opts.processes.max(plan.conns.div_ceil(per)).max(1);
-    let mut first = 0;
     (0..n)
         .map(|w| {
             let count = plan.conns / n + usize::from(w < plan.conns % n);
             let spec = WorkerSpec {
-                addr: target.addr,
+                addr,
                 path: opts.path.clone(),
                 first,
                 count,
@@ -228,15 +239,17 @@ pub fn run(target: &mut Target, plan: &Plan, opts: &ClientOpts) -> Result<RunDat
     let mut published = vec![0u64; plan.topics.max(1)];
     if let Some(publish) = plan.publish {
         data.publish_start = target.sample();
-        publish_for(
-            target,
+        let totals = publish_for(
+            target.addr,
             &mut workers,
             publish,
             &mut published,
-            &mut data,
-            &mut peak,
             opts,
+            || track_peak(target, &mut peak),
         )?;
+        data.published = totals.accepted;
+        data.publish_errors = totals.errors;
+        data.publish_secs = totals.secs;
     }
     if plan.churn_rate > 0.0 {
         workers.send(&Command::ChurnStop)?;
@@ -255,17 +268,29 @@ pub fn run(target: &mut Target, plan: &Plan, opts: &ClientOpts) -> Result<RunDat
     Ok(data)
 }
 
-/// Publishes at the planned rate, round-robin over topics, counting per topic.
-fn publish_for(
-    target: &Target,
+/// What the publisher of a run got back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishTotals {
+    /// Publications accepted (202).
+    pub accepted: u64,
+    /// Publications refused or failed.
+    pub errors: u64,
+    /// Seconds spent publishing.
+    pub secs: f64,
+}
+
+/// Publishes at the planned rate to the server at `addr`, round-robin over topics,
+/// counting per topic; `sample` runs every [`SAMPLE_EVERY`] (to follow servers' memory).
+pub(crate) fn publish_for(
+    addr: SocketAddr,
     workers: &mut Workers,
     publish: Publishing,
     published: &mut [u64],
-    data: &mut RunData,
-    peak: &mut Option<u64>,
     opts: &ClientOpts,
-) -> Result<()> {
-    let mut publisher = Publisher::new(target.addr);
+    mut sample: impl FnMut(),
+) -> Result<PublishTotals> {
+    let mut totals = PublishTotals::default();
+    let mut publisher = Publisher::new(addr);
     let topics: Vec<String> = (0..published.len())
         .map(|t| format!("{}:{t}", opts.prefix))
         .collect();
@@ -284,20 +309,20 @@ fn publish_for(
         match publisher.publish(&topics[t], &body) {
             Ok(p) if p.status == 202 => {
                 published[t] += 1;
-                data.published += 1;
+                totals.accepted += 1;
                 consecutive_errors = 0;
             }
             Ok(p) => {
-                data.publish_errors += 1;
+                totals.errors += 1;
                 consecutive_errors += 1;
-                if data.publish_errors == 1 {
+                if totals.errors == 1 {
                     eprintln!("publish refused: HTTP {}", p.status);
                 }
             }
             Err(e) => {
-                data.publish_errors += 1;
+                totals.errors += 1;
                 consecutive_errors += 1;
-                if data.publish_errors == 1 {
+                if totals.errors == 1 {
                     eprintln!("publish failed: {e}");
                 }
             }
@@ -306,7 +331,7 @@ fn publish_for(
             return Err(format!("{consecutive_errors} publishes in a row failed").into());
         }
         if Instant::now() >= next_sample {
-            track_peak(target, peak);
+            sample();
             next_sample = Instant::now() + SAMPLE_EVERY;
             pb.set_position(seq + 1);
             let p = workers.progress();
@@ -318,7 +343,7 @@ fn publish_for(
     }
     // Let the last interval elapse so that the run lasts its duration.
     workers.poll_until(start + publish.duration)?;
-    data.publish_secs = start.elapsed().as_secs_f64();
+    totals.secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    Ok(())
+    Ok(totals)
 }

@@ -40,14 +40,36 @@ impl Target {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
+        Target::spawn_as(path, args, &[], label)
+    }
+
+    /// [`Target::spawn`] with extra environment variables and a label of its own (which
+    /// also names its log, so several copies of one binary keep separate logs).
+    pub fn spawn_as(
+        path: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        label: String,
+    ) -> Result<Target> {
+        let file_label: String = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let log = std::env::temp_dir().join(format!(
-            "tidings-loadtest-{label}-{}.log",
+            "tidings-loadtest-{file_label}-{}.log",
             std::process::id()
         ));
         let log_file = std::fs::File::create(&log)?;
         let mut child = Command::new(path)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)
