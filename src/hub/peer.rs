@@ -20,6 +20,7 @@ use super::topics::Publication;
 use crate::auth::Identity;
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
+use crate::proto::deflate::Codec;
 use crate::proto::session::{Output, Phase, Session};
 use crate::topic::Pattern;
 
@@ -267,11 +268,19 @@ impl Peer {
         }
     }
 
-    /// Delivers a publication in this peer's encoding: the shared WebSocket frame, or the
-    /// shared SSE event (plus, on a multi-topic stream, its cursor).
-    pub fn deliver(&mut self, publication: &Publication) -> Delivery {
+    /// Delivers a publication in this peer's encoding: the shared WebSocket frame (its
+    /// shared compressed form, with permessage-deflate agreed, built with `codec` if this
+    /// is the first connection to need it), or the shared SSE event (plus, on a
+    /// multi-topic stream, its cursor).
+    pub fn deliver(&mut self, publication: &Publication, codec: &mut Codec) -> Delivery {
         match &mut self.transport {
-            Transport::WebSocket(_) => self.send(publication.frame.clone()),
+            Transport::WebSocket(session) => {
+                let frame = session
+                    .deflate()
+                    .and_then(|agreed| publication.deflated(agreed.window(), codec))
+                    .unwrap_or_else(|| publication.frame.clone());
+                self.send(frame)
+            }
             Transport::Sse(stream) => {
                 let Some((event, cursor)) = stream.encode_publication(publication) else {
                     return Delivery::Dropped;

@@ -29,6 +29,7 @@ use super::topics::{Content, Publication};
 use crate::heartbeat::{self, Wheel};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
+use crate::proto::deflate::Codec;
 use crate::proto::frame::{self, Kind};
 use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
 use crate::proto::session::{Due, Mode, Output, Phase, Session, Timing};
@@ -77,6 +78,8 @@ pub(crate) struct Shard {
     /// Heartbeat and close deadlines, by (slot, generation).
     wheel: Wheel<(SlotId, u32)>,
     scratch: Box<[u8]>,
+    /// permessage-deflate's compressor and inflater, shared by every connection here.
+    codec: Codec,
     started: Instant,
     tick: Duration,
     timing: Timing,
@@ -128,6 +131,7 @@ impl Shard {
             close: heartbeat::ticks(config.close_timeout, tick),
         };
         let span = (timing.interval + timing.timeout).max(timing.close);
+        let codec = Codec::new(config.deflate_min_bytes);
         Shard {
             poll,
             jobs,
@@ -139,6 +143,7 @@ impl Shard {
             next_generation: 0,
             wheel: Wheel::new(span),
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+            codec,
             started: Instant::now(),
             tick,
             timing,
@@ -430,7 +435,7 @@ impl Shard {
                 continue;
             }
             peer.last_seq = seq;
-            match peer.deliver(&publication) {
+            match peer.deliver(&publication, &mut self.codec) {
                 Delivery::Written => delivered += 1,
                 Delivery::Queued => {
                     delivered += 1;
@@ -577,6 +582,7 @@ impl Shard {
                 mode,
                 subscribe,
                 identity,
+                deflate,
             } => {
                 let max_queued = match mode {
                     // An echoed message must fit the outbox whole.
@@ -589,7 +595,7 @@ impl Shard {
                     topics: vec![topic],
                     ..SubscriptionRequest::default()
                 });
-                let session = Session::new(mode, now);
+                let session = Session::new(mode, now).with_deflate(deflate);
                 let transport = Transport::WebSocket(session);
                 (transport, max_queued, request.map(|r| (r, None)), identity)
             }
@@ -674,7 +680,7 @@ impl Shard {
         };
         let max_message = session.max_message(max_message);
         let mut outputs = std::mem::take(&mut self.outputs);
-        session.handle_bytes(data, now, max_message, &mut outputs);
+        session.handle_bytes(data, now, max_message, &mut self.codec, &mut outputs);
         // Messages before a close in the same read were received while open: serve them.
         peer.replying = true;
         for output in outputs.drain(..) {
