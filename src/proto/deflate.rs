@@ -816,6 +816,34 @@ mod tests {
         assert_eq!(std::mem::size_of::<Option<Agreed>>(), 2);
     }
 
+    proptest::proptest! {
+        /// Arbitrary header values never panic the negotiation, and what it agrees is a
+        /// window the RFC allows.
+        #[test]
+        fn arbitrary_offers_never_panic(value in "[ -~]{0,80}") {
+            if let Some(agreed) = negotiate([value.as_bytes()]) {
+                proptest::prop_assert!((8..=15).contains(&agreed.window().get()));
+            }
+        }
+
+        /// Arbitrary bytes inflate or fail, never past the limit; a compressed payload of
+        /// any data inflates back to it.
+        #[test]
+        fn inflation_is_bounded_and_round_trips(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            data in proptest::collection::vec(0u8..4, 0..3000),
+        ) {
+            let mut inflater = Inflater::default();
+            if let Ok(out) = inflater.inflate(&junk, 1000) {
+                proptest::prop_assert!(out.len() <= 1000);
+            }
+            if let Some(frame) = Deflater::default().frame(Kind::Binary, &data, WindowBits::MAX) {
+                let (_, payload) = strip_header(&frame);
+                proptest::prop_assert_eq!(inflater.inflate(payload, data.len()).unwrap(), data);
+            }
+        }
+    }
+
     fn strip_header(frame: &[u8]) -> (u8, &[u8]) {
         let at = match frame[1] & 0x7f {
             126 => 4,
