@@ -296,3 +296,59 @@ async fn rsv1_where_it_must_not_be_is_1002() {
     ws.expect_close(1007).await;
     gw.assert_alive().await;
 }
+
+/// A snapshot on subscribe (here `GET /ws/{app}/{profile}`) and a replay from history are
+/// compressed too, and inflate to what a plain subscriber gets.
+#[tokio::test]
+async fn snapshots_and_replays_are_compressed() {
+    let gw = TestGateway::start_default().await;
+    let document = config_document().to_string();
+    let put = http_request(
+        gw.addr,
+        "PUT",
+        "/v1/topics/checkout:prod/state",
+        &[("Content-Type", "application/json")],
+        document.as_bytes(),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{put:?}");
+    let open = |offer: Option<&'static str>| async move {
+        let mut request = UpgradeRequest::new(gw.addr);
+        request.path = "/ws/checkout/prod".into();
+        if let Some(offer) = offer {
+            request = request.set("Sec-WebSocket-Extensions", offer);
+        }
+        let (response, stream, buf) = request.send(gw.addr).await;
+        assert_eq!(response.status, 101, "{response:?}");
+        let mut ws = RawWs::from_parts(stream, buf, response);
+        assert_eq!(ws.next_json().await["type"], "subscribed");
+        ws
+    };
+    let mut plain = open(None).await;
+    let mut packed = open(Some("permessage-deflate")).await;
+    let snapshot = next_data(&mut plain).await;
+    let compressed = next_data(&mut packed).await;
+    assert_eq!((snapshot.rsv, compressed.rsv), (0, 0b100));
+    assert_eq!(inflate(&compressed.payload), snapshot.payload);
+    let value: Value = serde_json::from_slice(&snapshot.payload).expect("JSON");
+    assert_eq!(value["type"], "snapshot");
+
+    // A replay: events published before the subscription, asked for with `since`.
+    publish_ok(gw.addr, "jobs:7", document.as_bytes()).await;
+    let since = "jobs:7";
+    let mut late = connect_offering(gw.addr, Some("permessage-deflate")).await;
+    // Another epoch's version: `history_truncated` (small, plain), then what history has.
+    let version = "0000000000000001:0";
+    let request = json!({"type": "subscribe", "topics": [since], "since": {since: version}});
+    late.send_text(&request.to_string()).await;
+    assert_eq!(late.next_json().await["type"], "subscribed");
+    let notice = next_data(&mut late).await;
+    assert_eq!(notice.rsv, 0);
+    let notice: Value = serde_json::from_slice(&notice.payload).expect("JSON");
+    assert_eq!(notice["type"], "history_truncated", "{notice}");
+    let replayed = next_data(&mut late).await;
+    assert_eq!(replayed.rsv, 0b100);
+    let event: Value = serde_json::from_slice(&inflate(&replayed.payload)).expect("JSON");
+    assert_eq!(event["type"], "event");
+    assert_eq!(event["data"], config_document());
+}

@@ -212,6 +212,10 @@ struct Common {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// WebSocket subscribers offer permessage-deflate (RFC 7692), as browsers do, and
+    /// inflate what arrives compressed.
+    #[arg(long)]
+    deflate: bool,
     /// Connections to open and close before the baseline memory sample (one-time costs
     /// of first use are then not counted per connection).
     #[arg(long, default_value_t = 0)]
@@ -236,6 +240,10 @@ struct Load {
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Publish a realistic JSON configuration document of about 5 KB (with the send time)
+    /// instead of `--payload` bytes of padding, which compress unrealistically well.
+    #[arg(long)]
+    config_doc: bool,
 }
 
 impl Load {
@@ -250,6 +258,7 @@ impl Load {
             publish: Some(Publishing {
                 rate: self.rate,
                 payload: self.payload,
+                config_doc: self.config_doc,
                 duration: Duration::from_secs_f64(self.duration.max(0.0)),
             }),
             track_offsets: false,
@@ -259,7 +268,8 @@ impl Load {
     fn params(&self) -> serde_json::Value {
         json!({
             "subscribers": self.subscribers, "topics": self.topics, "rate": self.rate,
-            "payload": self.payload, "duration_s": self.duration,
+            "payload": if self.config_doc { json!("config_doc") } else { json!(self.payload) },
+            "duration_s": self.duration,
         })
     }
 }
@@ -292,6 +302,7 @@ fn client_opts(common: &Common) -> ClientOpts {
         progress: !common.quiet && !common.json,
         warmup: common.warmup,
         transport: Transport::Ws,
+        deflate: common.deflate,
     }
 }
 

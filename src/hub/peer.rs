@@ -257,10 +257,17 @@ impl Peer {
     }
 
     /// Sends a message given as its WebSocket frame (a snapshot, a replayed publication, a
-    /// reply), re-encoded for an SSE stream.
-    pub fn send_message(&mut self, frame: Bytes) -> Delivery {
+    /// reply), re-encoded for an SSE stream, or compressed with `codec` (once per shard
+    /// for a frame many subscribers get) on a WebSocket that agreed permessage-deflate.
+    pub fn send_message(&mut self, frame: Bytes, codec: &mut Codec) -> Delivery {
         match &mut self.transport {
-            Transport::WebSocket(_) => self.send(frame),
+            Transport::WebSocket(session) => {
+                let frame = session
+                    .deflate()
+                    .and_then(|agreed| codec.shared(&frame, agreed.window()))
+                    .unwrap_or(frame);
+                self.send(frame)
+            }
             Transport::Sse(stream) => match stream.encode_message(&frame) {
                 Some(bytes) => self.send(bytes),
                 None => Delivery::Dropped,

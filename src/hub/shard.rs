@@ -303,7 +303,7 @@ impl Shard {
                 peer.send(ack);
             }
             for frame in frames {
-                peer.send_message(frame);
+                peer.send_message(frame, &mut self.codec);
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&marks)
@@ -341,7 +341,7 @@ impl Shard {
                 continue;
             };
             for frame in frames {
-                peer.send_message(frame);
+                peer.send_message(frame, &mut self.codec);
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&[(topic.name.clone(), version)])
@@ -542,9 +542,9 @@ impl Shard {
                 version.offset
             };
             self.index.set_after(&name, slot, after);
-            let _ = peer.send_message(snapshot);
+            let _ = peer.send_message(snapshot, &mut self.codec);
             if let Some(closed) = closed {
-                let _ = peer.send_message(closed);
+                let _ = peer.send_message(closed, &mut self.codec);
             }
         }
     }
@@ -641,7 +641,15 @@ impl Shard {
                 let _ = peer.send(sse::retry(retry));
             }
             if let Some((request, base_ms)) = subscribe_to {
-                open_subscription(peer, slot, &mut self.index, &self.shared, &request, base_ms);
+                open_subscription(
+                    peer,
+                    slot,
+                    &mut self.index,
+                    &self.shared,
+                    &request,
+                    base_ms,
+                    &mut self.codec,
+                );
             }
             if self.shared.is_shutting_down() {
                 peer.close(
@@ -688,7 +696,15 @@ impl Shard {
                 peer.replying = false;
             }
             if let Some(text) = peer.apply(output) {
-                serve(peer, &text, slot, &mut self.index, &self.shared, now_ms);
+                serve(
+                    peer,
+                    &text,
+                    slot,
+                    &mut self.index,
+                    &self.shared,
+                    now_ms,
+                    &mut self.codec,
+                );
             }
         }
         peer.replying = false;
@@ -1013,6 +1029,7 @@ fn open_subscription(
     shared: &Shared,
     request: &SubscriptionRequest,
     base_ms: Option<u64>,
+    codec: &mut Codec,
 ) {
     let is_sse = matches!(peer.transport(), Transport::Sse(_));
     match subscribe(peer, slot, index, shared, request, base_ms) {
@@ -1034,7 +1051,7 @@ fn open_subscription(
                 peer.send(ack);
             }
             for frame in opened.frames {
-                peer.send_message(frame);
+                peer.send_message(frame, codec);
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&opened.marks)
@@ -1043,7 +1060,7 @@ fn open_subscription(
             }
         }
         Err(e) => {
-            peer.send_message(error_frame(e.code(), &e.to_string(), None));
+            peer.send_message(error_frame(e.code(), &e.to_string(), None), codec);
             if is_sse {
                 peer.close(
                     CloseCode::Policy,

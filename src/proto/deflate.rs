@@ -11,6 +11,7 @@
 //! serves all of its connections, a whole message at a time, and an idle compressed
 //! connection owns no buffer at all.
 
+use std::collections::VecDeque;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -30,6 +31,17 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// share it, so a better ratio is worth more than speed: level 6 (zlib's default) cut a
 /// 5 KB JSON document to about a fifth; see docs/BENCHMARKS.md for the measured cost.
 const LEVEL: u32 = 6;
+
+/// Shared frames sent one subscriber at a time (snapshots, replays from history) whose
+/// compressed forms a shard keeps, so that subscribers catching up on the same frame cost
+/// one compression per shard: at most this many, and at most [`RECENT_BYTES`] of plain
+/// and compressed bytes together (a frame larger than that is compressed for each
+/// subscriber and not kept).
+const RECENT_FRAMES: usize = 16;
+
+/// See [`RECENT_FRAMES`]: 4 MiB per shard bounds what the cache can pin, a few snapshots
+/// of the largest documents (`max_state_bytes` is 1 MiB by default).
+const RECENT_BYTES: usize = 4 << 20;
 
 /// The first output allocation of an inflate; it doubles from there up to the message
 /// limit, so a small message costs a small buffer and a large one a few reallocations.
@@ -52,6 +64,17 @@ impl WindowBits {
     /// Its base-2 logarithm.
     pub fn get(self) -> u8 {
         self.0
+    }
+
+    /// The window a message of `len` bytes is compressed with for a client with this
+    /// window: without context takeover no match reaches back past the message's start,
+    /// so the widest window's encoding suits any window at least as long as the message.
+    fn for_message(self, len: usize) -> WindowBits {
+        if len <= 1 << self.0 {
+            WindowBits::MAX
+        } else {
+            self
+        }
     }
 
     /// The window zlib compresses with. zlib refuses 8 bits for raw DEFLATE, but never
@@ -428,8 +451,9 @@ impl Inflater {
     }
 }
 
-/// A shard's compression state: its [`Deflater`], its [`Inflater`], and the size under
-/// which messages go uncompressed (`deflate_min_bytes`).
+/// A shard's compression state: its [`Deflater`], its [`Inflater`], the compressed forms
+/// of the shared frames it sent last, and the size under which messages go uncompressed
+/// (`deflate_min_bytes`).
 #[derive(Debug)]
 pub struct Codec {
     /// Compresses outbound messages.
@@ -437,6 +461,19 @@ pub struct Codec {
     /// Inflates inbound messages.
     pub inflater: Inflater,
     min_bytes: usize,
+    /// Recently compressed shared frames, oldest first (see [`RECENT_FRAMES`]).
+    recent: VecDeque<Recent>,
+    /// Plain and compressed bytes `recent` holds.
+    recent_bytes: usize,
+}
+
+/// A shared frame and its compressed form for one window.
+#[derive(Debug)]
+struct Recent {
+    /// The frame itself: holding it keeps its address from being reused by another frame.
+    plain: Bytes,
+    window: WindowBits,
+    packed: Option<Bytes>,
 }
 
 impl Codec {
@@ -446,7 +483,46 @@ impl Codec {
             deflater: Deflater::default(),
             inflater: Inflater::default(),
             min_bytes,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         }
+    }
+
+    /// A shared frame sent to one subscriber at a time (a snapshot, a replayed
+    /// publication) compressed for a connection with `window`, or `None` to send it plain
+    /// (under `min_bytes`, not a data frame, or it does not shrink). The same frame
+    /// (the same `Bytes`) for the same window is compressed once while it stays among the
+    /// shard's recent ones, so a thousand reconnecting subscribers getting one snapshot
+    /// cost one compression per shard.
+    pub fn shared(&mut self, plain: &Bytes, window: WindowBits) -> Option<Bytes> {
+        let (kind, payload) = data_payload(plain)?;
+        if payload.len() < self.min_bytes {
+            return None;
+        }
+        let window = window.for_message(payload.len());
+        let same = |r: &Recent| {
+            r.window == window && r.plain.as_ptr() == plain.as_ptr() && r.plain.len() == plain.len()
+        };
+        if let Some(hit) = self.recent.iter().find(|r| same(r)) {
+            return hit.packed.clone();
+        }
+        let packed = self.deflater.frame(kind, payload, window);
+        let size = plain.len() + packed.as_ref().map_or(0, Bytes::len);
+        if size <= RECENT_BYTES {
+            while self.recent.len() >= RECENT_FRAMES || self.recent_bytes + size > RECENT_BYTES {
+                let Some(old) = self.recent.pop_front() else {
+                    break;
+                };
+                self.recent_bytes -= old.plain.len() + old.packed.as_ref().map_or(0, Bytes::len);
+            }
+            self.recent_bytes += size;
+            self.recent.push_back(Recent {
+                plain: plain.clone(),
+                window,
+                packed: packed.clone(),
+            });
+        }
+        packed
     }
 
     /// Payloads shorter than this go uncompressed.
@@ -486,11 +562,12 @@ impl SharedDeflate {
         if payload.len() < codec.min_bytes() {
             return None;
         }
-        let (cell, window) = if payload.len() <= 1 << window.get() {
-            (&self.wide, WindowBits::MAX)
+        let window = window.for_message(payload.len());
+        let cell = if window == WindowBits::MAX {
+            &self.wide
         } else {
             let narrow = self.narrow.get_or_init(Box::default);
-            (&narrow[usize::from(window.zlib_bits() - 9)], window)
+            &narrow[usize::from(window.zlib_bits() - 9)]
         };
         cell.get_or_init(|| codec.deflater.frame(kind, payload, window))
             .clone()
@@ -796,6 +873,45 @@ mod tests {
         assert_eq!(codec.encode(Kind::Text, &json[..1000], Some(PLAIN)), small);
         assert_eq!(codec.encode(Kind::Text, &json, None), plain);
         assert_eq!(codec.encode(Kind::Text, &json, Some(PLAIN)), first);
+    }
+
+    #[test]
+    fn recent_shared_frames_are_compressed_once_and_bounded() {
+        let mut codec = Codec::new(100);
+        let snapshot = frame::encode(Kind::Text, &br#"{"doc":"state"}"#.repeat(50));
+        let first = codec.shared(&snapshot, WindowBits::MAX).unwrap();
+        let again = codec.shared(&snapshot.clone(), WindowBits::MAX).unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr(), "compressed once");
+        // Equal bytes elsewhere are another frame: compressed again (and right).
+        let copy = Bytes::copy_from_slice(&snapshot);
+        let other = codec.shared(&copy, WindowBits::MAX).unwrap();
+        assert_ne!(other.as_ptr(), first.as_ptr());
+        assert_eq!(other, first);
+        for i in 0..3 * RECENT_FRAMES {
+            let frame = frame::encode(Kind::Text, format!("{i:>500}").as_bytes());
+            codec.shared(&frame, window(9));
+        }
+        assert_eq!(codec.recent.len(), RECENT_FRAMES);
+        let held: usize = codec
+            .recent
+            .iter()
+            .map(|r| r.plain.len() + r.packed.as_ref().map_or(0, Bytes::len))
+            .sum();
+        assert_eq!(held, codec.recent_bytes);
+        // Too large to keep: compressed, not kept.
+        let huge = frame::encode(Kind::Text, &vec![b'a'; RECENT_BYTES]);
+        assert!(codec.shared(&huge, WindowBits::MAX).is_some());
+        assert!(codec.recent_bytes <= RECENT_BYTES);
+        assert!(codec.recent.iter().all(|r| r.plain.len() < RECENT_BYTES));
+        // Under the threshold or not data: plain.
+        assert_eq!(
+            codec.shared(&frame::encode(Kind::Text, b"small"), WindowBits::MAX),
+            None
+        );
+        assert_eq!(
+            codec.shared(&frame::encode(Kind::Ping, b""), WindowBits::MAX),
+            None
+        );
     }
 
     #[test]
