@@ -187,6 +187,18 @@ pub struct Config {
     /// Most items in one `POST /v1/publish` batch (its body is bounded by
     /// `max_publish_bytes` like any publication).
     pub max_batch_items: usize,
+    /// Negotiate permessage-deflate (RFC 7692) with WebSocket clients that offer it. On by
+    /// default: a publication is compressed once however many subscribers share it, and a
+    /// compressed connection holds no compression state between messages, so the cost is
+    /// CPU once per publication (plus, per shard, one compressor and one inflater), for
+    /// JSON frames several times smaller on the wire. Turn it off where a compression side
+    /// channel matters (secrets and attacker-chosen text in one message, over TLS) or
+    /// where publications do not compress (already compressed or encrypted data).
+    pub permessage_deflate: bool,
+    /// Messages shorter than this many bytes go uncompressed even to a connection that
+    /// negotiated permessage-deflate: below about a kilobyte, DEFLATE saves a few hundred
+    /// bytes at most and the compressor's fixed cost per message dominates.
+    pub deflate_min_bytes: usize,
     /// Authentication and authorization (`[auth]`; `TIDINGS_AUTH_<KEY>` in the
     /// environment). The default authenticates no one and lets everyone do everything,
     /// which [`Config::load`] accepts only on a loopback `listen` address.
@@ -242,6 +254,8 @@ impl Default for Config {
             max_poll_wait: Duration::from_secs(30),
             max_poll_waiters: 512,
             max_batch_items: 1000,
+            permessage_deflate: true,
+            deflate_min_bytes: 1024,
             auth: AuthConfig::default(),
             bus: BusConfig::default(),
         }
@@ -349,6 +363,10 @@ setters! {
     max_poll_waiters: usize,
     /// Sets [`Config::max_batch_items`].
     max_batch_items: usize,
+    /// Sets [`Config::permessage_deflate`].
+    permessage_deflate: bool,
+    /// Sets [`Config::deflate_min_bytes`].
+    deflate_min_bytes: usize,
     /// Sets [`Config::auth`].
     auth: AuthConfig,
     /// Sets [`Config::bus`].

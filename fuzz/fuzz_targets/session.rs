@@ -1,9 +1,12 @@
 //! The sans-IO WebSocket session on arbitrary bytes, split at arbitrary points, with timers
 //! firing in between: never panics, never holds more than a message's worth of input, and
-//! once it stops reading it produces nothing more from input.
+//! once it stops reading it produces nothing more from input. Half the inputs run with
+//! permessage-deflate agreed, so compressed frames, RSV1 rules and bounded inflation are
+//! covered too: no message out is longer than the limit, whatever inflates.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tidings::proto::deflate::{self, Codec};
 use tidings::proto::session::{Mode, Output, Session, Timing};
 
 const MAX: usize = 1 << 16;
@@ -18,16 +21,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mode = if control & 1 == 0 { Mode::Gateway } else { Mode::Echo };
-    let mut session = Session::new(mode, 0);
+    let agreed = (control & 2 != 0)
+        .then(|| deflate::negotiate([&b"permessage-deflate"[..]]))
+        .flatten();
+    let mut session = Session::new(mode, 0).with_deflate(agreed);
+    let mut codec = Codec::new(64);
     let mut out = Vec::new();
     let mut now = 0;
     // The control byte's other bits choose the chunk size, so splits land everywhere.
-    let chunk = usize::from(control >> 1).max(1);
+    let chunk = usize::from(control >> 2).max(1);
     for piece in bytes.chunks(chunk) {
         let reading = session.phase().reads();
         let before = out.len();
         let mut piece = piece.to_vec();
-        session.handle_bytes(&mut piece, now, MAX, &mut out);
+        session.handle_bytes(&mut piece, now, MAX, &mut codec, &mut out);
         if !reading {
             assert_eq!(out.len(), before, "output after reading stopped");
         }

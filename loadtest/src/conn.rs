@@ -169,6 +169,16 @@ pub struct WsConn {
     close_reason: Vec<u8>,
 }
 
+/// Largest inflated server message the client accepts.
+const MAX_INFLATED: usize = 16 << 20;
+
+thread_local! {
+    /// One inflater and output buffer per worker thread, for compressed server messages
+    /// (the gateway takes no context over, so nothing is kept per connection).
+    static INFLATE: RefCell<(flate2::Decompress, Vec<u8>)> =
+        RefCell::new((flate2::Decompress::new(false), Vec::new()));
+}
+
 /// Appends the frame a [`Reply`] asks for.
 fn push_reply(out: &mut Vec<u8>, rng: &mut MaskRng, reply: Reply) {
     match reply {
@@ -270,12 +280,26 @@ pub async fn subscribe(
 impl WsConn {
     /// Performs the upgrade on a connected stream; bytes after the 101 head are kept.
     pub async fn upgrade(
-        mut stream: TcpStream,
+        stream: TcpStream,
         host: &str,
         path: &str,
         seed: u64,
     ) -> Result<WsConn, Fail> {
-        stream.write_all(&wire::upgrade_request(host, path)).await?;
+        WsConn::upgrade_with(stream, host, path, seed, false).await
+    }
+
+    /// [`WsConn::upgrade`], offering permessage-deflate when `deflate` is set; compressed
+    /// messages are then inflated before `on_text` sees them.
+    pub async fn upgrade_with(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        seed: u64,
+        deflate: bool,
+    ) -> Result<WsConn, Fail> {
+        stream
+            .write_all(&wire::upgrade_request_with(host, path, deflate))
+            .await?;
         let mut buf = Vec::with_capacity(512);
         let mut chunk = [0u8; 1024];
         let head_len = loop {
@@ -371,6 +395,20 @@ impl WsConn {
             while let Some((frame, used)) = wire::parse_server_frame(&data[pos..])? {
                 pos += used;
                 match frame.opcode {
+                    opcode::TEXT if frame.fin && frame.rsv1 => {
+                        let reply = INFLATE.with(|cell| {
+                            let (inflater, text) = &mut *cell.borrow_mut();
+                            wire::inflate_message(inflater, frame.payload, text, MAX_INFLATED)
+                                .map(|()| on_text(text, now))
+                        });
+                        let Some(reply) = reply else {
+                            return Err(Fail::Io(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "a compressed message that does not inflate",
+                            )));
+                        };
+                        push_reply(&mut self.out, &mut self.rng, reply);
+                    }
                     opcode::TEXT if frame.fin => {
                         let reply = on_text(frame.payload, now);
                         push_reply(&mut self.out, &mut self.rng, reply);

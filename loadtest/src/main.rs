@@ -251,6 +251,10 @@ struct Common {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// WebSocket subscribers offer permessage-deflate (RFC 7692), as browsers do, and
+    /// inflate what arrives compressed.
+    #[arg(long)]
+    deflate: bool,
     /// Connections to open and close before the baseline memory sample (one-time costs
     /// of first use are then not counted per connection).
     #[arg(long, default_value_t = 0)]
@@ -275,6 +279,10 @@ struct Load {
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Publish a realistic JSON configuration document of about 5 KB (with the send time)
+    /// instead of `--payload` bytes of padding, which compress unrealistically well.
+    #[arg(long)]
+    config_doc: bool,
 }
 
 impl Load {
@@ -289,6 +297,7 @@ impl Load {
             publish: Some(Publishing {
                 rate: self.rate,
                 payload: self.payload,
+                config_doc: self.config_doc,
                 duration: Duration::from_secs_f64(self.duration.max(0.0)),
             }),
             track_offsets: false,
@@ -298,7 +307,8 @@ impl Load {
     fn params(&self) -> serde_json::Value {
         json!({
             "subscribers": self.subscribers, "topics": self.topics, "rate": self.rate,
-            "payload": self.payload, "duration_s": self.duration,
+            "payload": if self.config_doc { json!("config_doc") } else { json!(self.payload) },
+            "duration_s": self.duration,
         })
     }
 }
@@ -331,6 +341,7 @@ fn client_opts(common: &Common) -> ClientOpts {
         progress: !common.quiet && !common.json,
         warmup: common.warmup,
         transport: Transport::Ws,
+        deflate: common.deflate,
     }
 }
 
@@ -439,6 +450,7 @@ fn measure(cmd: Cmd) -> Result<()> {
                     rate: load.rate,
                     payload: load.payload,
                     duration: Duration::from_secs_f64(load.duration.max(0.0)),
+                    config_doc: false,
                 },
             };
             return measure_cluster(&common, &plan, &configs);

@@ -50,6 +50,8 @@ pub struct ClientOpts {
     pub warmup: usize,
     /// How subscribers connect and subscribe (WebSocket or an SSE stream).
     pub transport: Transport,
+    /// WebSocket subscribers offer permessage-deflate (RFC 7692).
+    pub deflate: bool,
 }
 
 /// Publishing during a run.
@@ -59,6 +61,9 @@ pub struct Publishing {
     pub rate: f64,
     /// Payload size in bytes.
     pub payload: usize,
+    /// Publish a realistic ~5 KB JSON configuration document (with the send time) instead
+    /// of `payload` padded bytes.
+    pub config_doc: bool,
     /// How long to publish.
     pub duration: Duration,
 }
@@ -117,6 +122,13 @@ impl RunData {
         let (a, b) = (self.publish_start?, self.drained?);
         Some((b.user_s - a.user_s, b.sys_s - a.sys_s))
     }
+
+    /// Bytes the server wrote from the publishing start to the drained sample (its
+    /// deliveries, plus the publish responses).
+    pub fn written(&self) -> Option<u64> {
+        let (a, b) = (self.publish_start?, self.drained?);
+        Some(b.written.saturating_sub(a.written))
+    }
 }
 
 /// A progress bar (hidden unless `show`).
@@ -169,6 +181,7 @@ pub(crate) fn specs_at(
                 timeout_ms: u64::try_from(opts.timeout.as_millis()).unwrap_or(u64::MAX),
                 track_offsets: plan.track_offsets,
                 transport: opts.transport,
+                deflate: opts.deflate,
             };
             first += count;
             spec
@@ -297,6 +310,7 @@ pub(crate) fn publish_for(
     let total = (publish.rate * publish.duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / publish.rate.max(1e-3));
     let pb = bar(opts.progress, total, "publishing");
+    let doc = publish.config_doc.then(wire::config_document);
     let mut body = Vec::with_capacity(publish.payload + 64);
     let mut consecutive_errors = 0;
     let mut next_sample = Instant::now();
@@ -305,7 +319,10 @@ pub(crate) fn publish_for(
         let due = start + interval.mul_f64(seq as f64);
         workers.poll_until(due)?;
         let t = (seq as usize) % topics.len();
-        wire::build_payload(&mut body, wire::now_ns(), seq, publish.payload);
+        match &doc {
+            Some(doc) => wire::build_doc_payload(&mut body, wire::now_ns(), seq, doc),
+            None => wire::build_payload(&mut body, wire::now_ns(), seq, publish.payload),
+        }
         match publisher.publish(&topics[t], &body) {
             Ok(p) if p.status == 202 => {
                 published[t] += 1;

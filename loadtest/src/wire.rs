@@ -40,6 +40,8 @@ pub struct Frame<'a> {
     pub fin: bool,
     /// The opcode (see [`opcode`]).
     pub opcode: u8,
+    /// RSV1: a compressed message (permessage-deflate, RFC 7692 §6).
+    pub rsv1: bool,
     /// The unmasked payload.
     pub payload: &'a [u8],
 }
@@ -107,6 +109,7 @@ pub fn parse_server_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, Fram
     let frame = Frame {
         fin: b0 & 0x80 != 0,
         opcode: b0 & 0x0f,
+        rsv1: b0 & 0x40 != 0,
         payload: &buf[header..total],
     };
     Ok(Some((frame, total)))
@@ -199,12 +202,94 @@ pub fn parse_client_frame(buf: &[u8], payload: &mut Vec<u8>) -> Option<(u8, usiz
 
 /// The client's upgrade request for `path` on `host`.
 pub fn upgrade_request(host: &str, path: &str) -> Vec<u8> {
+    upgrade_request_with(host, path, false)
+}
+
+/// [`upgrade_request`], offering permessage-deflate (RFC 7692) when `deflate` is set, as
+/// browsers do.
+pub fn upgrade_request_with(host: &str, path: &str, deflate: bool) -> Vec<u8> {
+    let offer = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {CLIENT_KEY}\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: tidings.v1\r\n\r\n"
+         Sec-WebSocket-Protocol: tidings.v1\r\n{offer}\r\n"
     )
     .into_bytes()
+}
+
+/// Inflates a compressed server message (RFC 7692 §7.2.2: the payload plus the 4 octets
+/// `00 00 ff ff`) into `out`, with `inflater` reset first (the gateway agrees
+/// `server_no_context_takeover`). At most `max` bytes; `None` if it does not inflate.
+pub fn inflate_message(
+    inflater: &mut flate2::Decompress,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Option<()> {
+    use flate2::{FlushDecompress, Status};
+    inflater.reset(false);
+    out.clear();
+    for input in [payload, &[0x00, 0x00, 0xff, 0xff][..]] {
+        let mut rest = input;
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() >= max {
+                    return None;
+                }
+                out.reserve(out.len().max(4096));
+            }
+            let before = inflater.total_in();
+            let status = inflater
+                .decompress_vec(rest, out, FlushDecompress::Sync)
+                .ok()?;
+            rest = &rest[usize::try_from(inflater.total_in() - before).ok()?..];
+            if status == Status::StreamEnd {
+                return Some(());
+            }
+            if rest.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+        }
+    }
+    Some(())
+}
+
+/// A realistic JSON configuration document of about 5 KB (feature flags of one
+/// application profile), for measuring compression: its text varies the way real
+/// documents do, unlike `build_payload`'s padding.
+pub fn config_document() -> String {
+    use std::fmt::Write as _;
+    let mut doc = String::from(r#"{"app":"checkout","profile":"prod","revision":4242,"flags":["#);
+    for i in 0..48u32 {
+        if i > 0 {
+            doc.push(',');
+        }
+        let owner = ["payments", "growth", "platform"][(i % 3) as usize];
+        // Writing into a String cannot fail.
+        let _ = write!(
+            doc,
+            r#"{{"key":"checkout.feature_{i}","enabled":{},"rollout_percent":{},"owner":"{owner}","updated_at":"2026-11-{:02}T10:{:02}:00Z"}}"#,
+            i % 3 != 0,
+            (i * 17) % 100,
+            1 + i % 28,
+            i % 60
+        );
+    }
+    doc.push_str("]}");
+    doc
+}
+
+/// A publication body `{"t":<ns>,"seq":N,"doc":<doc>}`: `doc` (a JSON value) carrying the
+/// send time, into `out`.
+pub fn build_doc_payload(out: &mut Vec<u8>, t_ns: u64, seq: u64, doc: &str) {
+    use std::io::Write as _;
+    out.clear();
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{{\"t\":{t_ns},\"seq\":{seq},\"doc\":{doc}}}");
 }
 
 /// `Sec-WebSocket-Accept` for a request key (RFC 6455 §4.2.2).

@@ -312,7 +312,14 @@ async fn open_subscribed(
     let stream = conn::connect(spec.addr, global, spec.source_addrs, rcvbuf).await?;
     match spec.transport {
         Transport::Ws => {
-            let mut ws = WsConn::upgrade(stream, &shared.host, &spec.path, global as u64).await?;
+            let mut ws = WsConn::upgrade_with(
+                stream,
+                &shared.host,
+                &spec.path,
+                global as u64,
+                spec.deflate,
+            )
+            .await?;
             conn::subscribe(&mut ws, &shared.scratch, topic).await?;
             Ok(Conn::Ws(ws))
         }

@@ -13,8 +13,8 @@ use super::context::RequestContext;
 use super::limits::IpSlot;
 use super::{Refusal, error_response};
 use crate::hub::{Hub, Open};
-use crate::proto::handshake;
 use crate::proto::session::Mode;
+use crate::proto::{deflate, handshake};
 
 /// `503` with `Retry-After: 1`.
 fn unavailable(code: &str, message: &str) -> Response<Full<Bytes>> {
@@ -91,6 +91,13 @@ pub(crate) async fn upgrade(
             return response;
         }
     };
+    // RFC 7692: the client's first acceptable offer, unless compression is off.
+    let deflate = if config.permessage_deflate {
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+        deflate::negotiate(offers.iter().map(|v| v.as_bytes()))
+    } else {
+        None
+    };
     // Before anything is reserved: a refused credential costs no connection place.
     let identity = if hub.auth().is_enabled() {
         match super::guard::upgrade(hub, &req).await {
@@ -131,6 +138,7 @@ pub(crate) async fn upgrade(
                     mode,
                     subscribe,
                     identity,
+                    deflate,
                 };
                 hub.register(stream, leftover, open, slot)
             }
@@ -147,6 +155,11 @@ pub(crate) async fn upgrade(
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(value) = HeaderValue::from_str(&accept.accept_key) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if let Some(agreed) = deflate
+        && let Ok(value) = HeaderValue::from_str(&agreed.response())
+    {
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
     }
     if let Some(protocol) = accept.protocol {
         headers.insert(

@@ -70,6 +70,8 @@ pub(crate) enum Open {
         subscribe: Option<String>,
         /// Who it is, when authentication is on.
         identity: Option<Identity>,
+        /// permessage-deflate, if the handshake agreed it.
+        deflate: Option<crate::proto::deflate::Agreed>,
     },
     /// An SSE stream after its `200` head.
     Sse(SseOpen),

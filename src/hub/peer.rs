@@ -21,6 +21,7 @@ use super::topics::Publication;
 use crate::auth::Identity;
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
+use crate::proto::deflate::Codec;
 use crate::proto::session::{Output, Phase, Session};
 use crate::topic::Pattern;
 
@@ -300,10 +301,17 @@ impl Peer {
     }
 
     /// Sends a message given as its WebSocket frame (a snapshot, a replayed publication, a
-    /// reply), re-encoded for an SSE stream.
-    pub fn send_message(&mut self, frame: Bytes) -> Delivery {
+    /// reply), re-encoded for an SSE stream, or compressed with `codec` (once per shard
+    /// for a frame many subscribers get) on a WebSocket that agreed permessage-deflate.
+    pub fn send_message(&mut self, frame: Bytes, codec: &mut Codec) -> Delivery {
         match &mut self.transport {
-            Transport::WebSocket(_) => self.send(frame),
+            Transport::WebSocket(session) => {
+                let frame = session
+                    .deflate()
+                    .and_then(|agreed| codec.shared(&frame, agreed.window()))
+                    .unwrap_or(frame);
+                self.send(frame)
+            }
             Transport::Sse(stream) => match stream.encode_message(&frame) {
                 Some(bytes) => self.send(bytes),
                 None => Delivery::Dropped,
@@ -311,11 +319,19 @@ impl Peer {
         }
     }
 
-    /// Delivers a publication in this peer's encoding: the shared WebSocket frame, or the
-    /// shared SSE event (plus, on a multi-topic stream, its cursor).
-    pub fn deliver(&mut self, publication: &Publication) -> Delivery {
+    /// Delivers a publication in this peer's encoding: the shared WebSocket frame (its
+    /// shared compressed form, with permessage-deflate agreed, built with `codec` if this
+    /// is the first connection to need it), or the shared SSE event (plus, on a
+    /// multi-topic stream, its cursor).
+    pub fn deliver(&mut self, publication: &Publication, codec: &mut Codec) -> Delivery {
         match &mut self.transport {
-            Transport::WebSocket(_) => self.send(publication.frame.clone()),
+            Transport::WebSocket(session) => {
+                let frame = session
+                    .deflate()
+                    .and_then(|agreed| publication.deflated(agreed.window(), codec))
+                    .unwrap_or_else(|| publication.frame.clone());
+                self.send(frame)
+            }
             Transport::Sse(stream) => {
                 let Some((event, cursor)) = stream.encode_publication(publication) else {
                     return Delivery::Dropped;

@@ -15,6 +15,7 @@ use super::peer::{Admit, Peer, Subscription};
 use super::topics::{Content, TopicState};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
+use crate::proto::deflate::Codec;
 use crate::proto::message::{
     ClientMessage, ServerMessage, SubscriptionRequest, TopicVersions, now_ms, parse_client,
 };
@@ -30,6 +31,7 @@ pub(super) fn serve(
     index: &mut Index,
     shared: &Shared,
     clock_ms: u32,
+    codec: &mut Codec,
 ) {
     let rate = shared.config.rate_limit;
     match conn.limiter.admit(rate, clock_ms) {
@@ -82,7 +84,7 @@ pub(super) fn serve(
                     // Acknowledge first; snapshots and replays follow, then live frames.
                     conn.send(ack.to_frame());
                     for frame in frames {
-                        conn.send(frame);
+                        conn.send_message(frame, codec);
                     }
                     return;
                 }
@@ -110,7 +112,7 @@ pub(super) fn serve(
                 // The replay (or snapshot, or history_truncated) is the answer.
                 Ok(frames) => {
                     for frame in frames {
-                        conn.send(frame);
+                        conn.send_message(frame, codec);
                     }
                     return;
                 }

@@ -29,6 +29,7 @@ use super::topics::{Content, Publication};
 use crate::heartbeat::{self, Wheel};
 use crate::metrics::CloseReason;
 use crate::proto::CloseCode;
+use crate::proto::deflate::Codec;
 use crate::proto::frame::{self, Kind};
 use crate::proto::message::{ServerMessage, SubscriptionRequest, now_ms};
 use crate::proto::session::{Due, Mode, Output, Phase, Session, Timing};
@@ -77,6 +78,8 @@ pub(crate) struct Shard {
     /// Heartbeat and close deadlines, by (slot, generation).
     wheel: Wheel<(SlotId, u32)>,
     scratch: Box<[u8]>,
+    /// permessage-deflate's compressor and inflater, shared by every connection here.
+    codec: Codec,
     started: Instant,
     tick: Duration,
     timing: Timing,
@@ -128,6 +131,7 @@ impl Shard {
             close: heartbeat::ticks(config.close_timeout, tick),
         };
         let span = (timing.interval + timing.timeout).max(timing.close);
+        let codec = Codec::new(config.deflate_min_bytes);
         Shard {
             poll,
             jobs,
@@ -139,6 +143,7 @@ impl Shard {
             next_generation: 0,
             wheel: Wheel::new(span),
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+            codec,
             started: Instant::now(),
             tick,
             timing,
@@ -308,7 +313,7 @@ impl Shard {
                 peer.send(ack.to_frame());
             }
             for frame in frames {
-                peer.send_message(frame);
+                peer.send_message(frame, &mut self.codec);
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&marks)
@@ -346,7 +351,7 @@ impl Shard {
                 continue;
             };
             for frame in frames {
-                peer.send_message(frame);
+                peer.send_message(frame, &mut self.codec);
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&[(topic.name.clone(), version)])
@@ -440,7 +445,7 @@ impl Shard {
                 continue;
             }
             peer.last_seq = seq;
-            match peer.deliver(&publication) {
+            match peer.deliver(&publication, &mut self.codec) {
                 Delivery::Written => delivered += 1,
                 Delivery::Queued => {
                     delivered += 1;
@@ -547,9 +552,9 @@ impl Shard {
                 version.offset
             };
             self.index.set_after(&name, slot, after);
-            let _ = peer.send_message(snapshot);
+            let _ = peer.send_message(snapshot, &mut self.codec);
             if let Some(closed) = closed {
-                let _ = peer.send_message(closed);
+                let _ = peer.send_message(closed, &mut self.codec);
             }
         }
     }
@@ -587,6 +592,7 @@ impl Shard {
                 mode,
                 subscribe,
                 identity,
+                deflate,
             } => {
                 let max_queued = match mode {
                     // An echoed message must fit the outbox whole.
@@ -599,7 +605,7 @@ impl Shard {
                     topics: vec![topic],
                     ..SubscriptionRequest::default()
                 });
-                let session = Session::new(mode, now);
+                let session = Session::new(mode, now).with_deflate(deflate);
                 let transport = Transport::WebSocket(session);
                 (transport, max_queued, request.map(|r| (r, None)), identity)
             }
@@ -645,7 +651,15 @@ impl Shard {
                 let _ = peer.send(sse::retry(retry));
             }
             if let Some((request, base_ms)) = subscribe_to {
-                open_subscription(peer, slot, &mut self.index, &self.shared, &request, base_ms);
+                open_subscription(
+                    peer,
+                    slot,
+                    &mut self.index,
+                    &self.shared,
+                    &request,
+                    base_ms,
+                    &mut self.codec,
+                );
             }
             if self.shared.is_shutting_down() {
                 peer.close(
@@ -684,7 +698,7 @@ impl Shard {
         };
         let max_message = session.max_message(max_message);
         let mut outputs = std::mem::take(&mut self.outputs);
-        session.handle_bytes(data, now, max_message, &mut outputs);
+        session.handle_bytes(data, now, max_message, &mut self.codec, &mut outputs);
         // Messages before a close in the same read were received while open: serve them.
         peer.replying = true;
         for output in outputs.drain(..) {
@@ -692,7 +706,15 @@ impl Shard {
                 peer.replying = false;
             }
             if let Some(text) = peer.apply(output) {
-                serve(peer, &text, slot, &mut self.index, &self.shared, now_ms);
+                serve(
+                    peer,
+                    &text,
+                    slot,
+                    &mut self.index,
+                    &self.shared,
+                    now_ms,
+                    &mut self.codec,
+                );
             }
         }
         peer.replying = false;
@@ -1017,6 +1039,7 @@ fn open_subscription(
     shared: &Shared,
     request: &SubscriptionRequest,
     base_ms: Option<u64>,
+    codec: &mut Codec,
 ) {
     let is_sse = matches!(peer.transport(), Transport::Sse(_));
     match subscribe(peer, slot, index, shared, request, base_ms) {
@@ -1041,7 +1064,7 @@ fn open_subscription(
                 peer.send(ack.to_frame());
             }
             for frame in opened.frames {
-                peer.send_message(frame);
+                peer.send_message(frame, codec);
             }
             if let Transport::Sse(stream) = peer.transport_mut()
                 && let Some(line) = stream.mark(&opened.marks)
@@ -1050,7 +1073,7 @@ fn open_subscription(
             }
         }
         Err(e) => {
-            peer.send_message(error_frame(e.code(), &e.to_string(), None));
+            peer.send_message(error_frame(e.code(), &e.to_string(), None), codec);
             if is_sse {
                 peer.close(
                     CloseCode::Policy,

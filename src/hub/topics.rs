@@ -144,6 +144,9 @@ pub struct Publication {
     /// Its SSE event, built from `frame` the first time any shard has an SSE subscriber
     /// for it, then shared like the frame.
     sse: OnceLock<Option<SseEvent>>,
+    /// Its frame compressed (permessage-deflate), built the first time any shard has a
+    /// subscriber that negotiated it, then shared like the frame.
+    deflated: crate::proto::deflate::SharedDeflate,
     /// A rebase: the topic's history was replaced (a new epoch, or history the engine no
     /// longer has). Every subscriber gets `frame` and then continues after this offset.
     pub rebase: Option<u64>,
@@ -168,6 +171,7 @@ impl Publication {
             data,
             ticket: None,
             sse: OnceLock::new(),
+            deflated: Default::default(),
             rebase: None,
         }
     }
@@ -176,6 +180,17 @@ impl Publication {
     /// those that must not get it (a topic already closed for them, or a subscription
     /// still waiting for the topic to load, both at `u64::MAX`).
     pub const REBASE: u64 = u64::MAX - 1;
+
+    /// Its frame compressed for a connection with `window`, built on first use (with
+    /// `codec`) and shared; `None` when it goes uncompressed (under `deflate_min_bytes`, or
+    /// it does not shrink).
+    pub fn deflated(
+        &self,
+        window: crate::proto::deflate::WindowBits,
+        codec: &mut crate::proto::deflate::Codec,
+    ) -> Option<Bytes> {
+        self.deflated.frame(&self.frame, window, codec)
+    }
 
     /// Its SSE event, built on first use.
     pub fn sse(&self) -> Option<&SseEvent> {

@@ -85,6 +85,13 @@ pub enum ProtocolViolation {
     /// The JSON protocol carries text only.
     #[error("binary messages are not supported")]
     Binary,
+    /// RFC 7692 §6.1: RSV1 on a control frame or a continuation frame.
+    #[error("the compressed bit on a control or continuation frame")]
+    MisplacedCompressedBit,
+    /// RFC 7692 §7.2.2: a compressed message that does not inflate (corrupt DEFLATE data,
+    /// or context taken over though `client_no_context_takeover` was agreed).
+    #[error("compressed message does not inflate")]
+    BadDeflate,
 }
 
 impl ProtocolViolation {
@@ -100,8 +107,11 @@ impl ProtocolViolation {
             | ProtocolViolation::UnexpectedContinuation
             | ProtocolViolation::ExpectedContinuation
             | ProtocolViolation::CloseOneByte
-            | ProtocolViolation::InvalidCloseCode => CloseCode::Protocol,
-            ProtocolViolation::InvalidUtf8 => CloseCode::InvalidPayload,
+            | ProtocolViolation::InvalidCloseCode
+            | ProtocolViolation::MisplacedCompressedBit => CloseCode::Protocol,
+            ProtocolViolation::InvalidUtf8 | ProtocolViolation::BadDeflate => {
+                CloseCode::InvalidPayload
+            }
             ProtocolViolation::TooBig => CloseCode::TooBig,
             ProtocolViolation::Binary => CloseCode::Unsupported,
         }

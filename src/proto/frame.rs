@@ -48,6 +48,9 @@ pub struct ParsedFrame {
     pub payload: Range<usize>,
     /// Bytes of the buffer this frame occupies, header included.
     pub len: usize,
+    /// RSV1 on the first frame of a data message: the message is compressed
+    /// (permessage-deflate, RFC 7692 §6). Only [`parse_with`] with `deflate` ever sets it.
+    pub compressed: bool,
 }
 
 /// Parses one client frame at the start of `buf`.
@@ -57,6 +60,17 @@ pub struct ParsedFrame {
 /// `max_payload` bounds a single frame so that a peer cannot make us buffer an announced
 /// 2^63-byte frame: the check happens as soon as the header is complete.
 pub fn parse(buf: &mut [u8], max_payload: usize) -> Result<Option<ParsedFrame>, ProtocolViolation> {
+    parse_with(buf, max_payload, false)
+}
+
+/// [`parse`] on a connection that negotiated permessage-deflate when `deflate` is true:
+/// RSV1 then marks a compressed message on its first frame (RFC 7692 §6) and is a
+/// violation anywhere else.
+pub fn parse_with(
+    buf: &mut [u8],
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<ParsedFrame>, ProtocolViolation> {
     let mut cursor = Cursor::new(&*buf);
     let (header, length) = match FrameHeader::parse(&mut cursor) {
         Ok(Some(parsed)) => parsed,
@@ -69,8 +83,9 @@ pub fn parse(buf: &mut [u8], max_payload: usize) -> Result<Option<ParsedFrame>, 
     if length >> 63 != 0 {
         return Err(ProtocolViolation::LengthTopBit);
     }
-    // §5.2: RSV1-3 "MUST be 0 unless an extension is negotiated"; we negotiate none.
-    if header.rsv1 || header.rsv2 || header.rsv3 {
+    // §5.2: RSV1-3 "MUST be 0 unless an extension is negotiated that defines meanings for
+    // non-zero values"; permessage-deflate defines RSV1 only.
+    if header.rsv2 || header.rsv3 || (header.rsv1 && !deflate) {
         return Err(ProtocolViolation::ReservedBits);
     }
     let kind = match header.opcode {
@@ -84,6 +99,11 @@ pub fn parse(buf: &mut [u8], max_payload: usize) -> Result<Option<ParsedFrame>, 
             return Err(ProtocolViolation::ReservedOpcode);
         }
     };
+    // RFC 7692 §6.1: "An endpoint MUST NOT set the "Per-Message Compressed" bit of control
+    // frames and non-first fragments of a data message."
+    if header.rsv1 && !matches!(kind, Kind::Text | Kind::Binary) {
+        return Err(ProtocolViolation::MisplacedCompressedBit);
+    }
     if matches!(kind, Kind::Close | Kind::Ping | Kind::Pong) {
         // §5.5: control frames "MUST have a payload length of 125 bytes or less and MUST NOT
         // be fragmented."
@@ -111,6 +131,7 @@ pub fn parse(buf: &mut [u8], max_payload: usize) -> Result<Option<ParsedFrame>, 
         fin: header.is_final,
         payload: header_len..total,
         len: total,
+        compressed: header.rsv1,
     }))
 }
 
@@ -133,6 +154,8 @@ pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
 #[derive(Debug)]
 pub struct Fragments {
     text: bool,
+    /// The message is compressed: `data` holds DEFLATE bytes, judged once inflated.
+    compressed: bool,
     data: Vec<u8>,
     /// Prefix of `data` already known to be valid UTF-8 (text only).
     checked: usize,
@@ -150,8 +173,20 @@ pub enum Message<'a> {
 impl Fragments {
     /// Starts reassembly with the first (non-final) frame's payload.
     pub fn start(text: bool, payload: &[u8]) -> Result<Box<Fragments>, ProtocolViolation> {
+        Fragments::start_with(text, false, payload)
+    }
+
+    /// Starts reassembly of a message that is compressed (`compressed`) or not. A
+    /// compressed message's fragments are kept as they came; its UTF-8 is checked once it
+    /// is inflated.
+    pub fn start_with(
+        text: bool,
+        compressed: bool,
+        payload: &[u8],
+    ) -> Result<Box<Fragments>, ProtocolViolation> {
         let mut f = Box::new(Fragments {
             text,
+            compressed,
             data: Vec::with_capacity(payload.len() * 2),
             checked: 0,
         });
@@ -165,7 +200,7 @@ impl Fragments {
             return Err(ProtocolViolation::TooBig);
         }
         self.data.extend_from_slice(payload);
-        if self.text {
+        if self.text && !self.compressed {
             match std::str::from_utf8(&self.data[self.checked..]) {
                 Ok(_) => self.checked = self.data.len(),
                 // An incomplete sequence at the end may be completed by the next fragment.
@@ -179,6 +214,21 @@ impl Fragments {
     /// Bytes held for the message so far (its buffer's capacity).
     pub fn held(&self) -> usize {
         self.data.capacity()
+    }
+
+    /// Whether it is a text message.
+    pub fn is_text(&self) -> bool {
+        self.text
+    }
+
+    /// Whether it is compressed: [`Fragments::data`] must be inflated, then judged.
+    pub fn is_compressed(&self) -> bool {
+        self.compressed
+    }
+
+    /// The payload bytes so far, as they came (compressed or not).
+    pub fn data(&self) -> &[u8] {
+        &self.data
     }
 
     /// The complete message, once the final fragment has been pushed.
@@ -227,10 +277,18 @@ pub fn encode(kind: Kind, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// Writes the header of an unmasked, final server frame of `len` payload bytes (RFC 6455
-/// §5.2, written by hand: it is on every publication's path). A test checks it against
-/// tungstenite's `FrameHeader::format`.
+/// Writes the header of an unmasked, final server frame of `len` payload bytes.
 pub fn write_header(out: &mut BytesMut, kind: Kind, len: usize) {
+    let mut raw = [0u8; MAX_HEADER_LEN];
+    let n = format_header(&mut raw, kind, len, false);
+    out.put_slice(&raw[..n]);
+}
+
+/// Formats the header of an unmasked, final server frame of `len` payload bytes at the
+/// start of `raw`, with RSV1 set for a compressed message; returns its length. Written by
+/// hand (RFC 6455 §5.2): it is on every publication's path. A test checks it against
+/// tungstenite's `FrameHeader::format`.
+pub fn format_header(raw: &mut [u8; MAX_HEADER_LEN], kind: Kind, len: usize, rsv1: bool) -> usize {
     let opcode: u8 = match kind {
         Kind::Continuation => 0x0,
         Kind::Text => 0x1,
@@ -239,15 +297,18 @@ pub fn write_header(out: &mut BytesMut, kind: Kind, len: usize) {
         Kind::Ping => 0x9,
         Kind::Pong => 0xA,
     };
-    let first = 0x80 | opcode;
+    raw[0] = 0x80 | if rsv1 { 0x40 } else { 0 } | opcode;
     if len < 126 {
-        out.put_slice(&[first, len as u8]);
+        raw[1] = len as u8;
+        2
     } else if len <= u16::MAX as usize {
-        let n = (len as u16).to_be_bytes();
-        out.put_slice(&[first, 126, n[0], n[1]]);
+        raw[1] = 126;
+        raw[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
     } else {
-        out.put_slice(&[first, 127]);
-        out.put_slice(&(len as u64).to_be_bytes());
+        raw[1] = 127;
+        raw[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
     }
 }
 
@@ -277,9 +338,13 @@ mod tests {
             Kind::Ping,
             Kind::Pong,
         ] {
-            for len in [0usize, 1, 125, 126, 127, 65_535, 65_536, 1 << 20] {
-                let mut ours = BytesMut::new();
-                write_header(&mut ours, kind, len);
+            for (len, rsv1) in [0usize, 1, 125, 126, 127, 65_535, 65_536, 1 << 20]
+                .into_iter()
+                .flat_map(|len| [(len, false), (len, true)])
+            {
+                let mut raw = [0u8; MAX_HEADER_LEN];
+                let n = format_header(&mut raw, kind, len, rsv1);
+                let ours = &raw[..n];
                 let opcode = match kind {
                     Kind::Text => OpCode::Data(Data::Text),
                     Kind::Binary => OpCode::Data(Data::Binary),
@@ -290,7 +355,7 @@ mod tests {
                 };
                 let header = FrameHeader {
                     is_final: true,
-                    rsv1: false,
+                    rsv1,
                     rsv2: false,
                     rsv3: false,
                     opcode,
@@ -298,7 +363,7 @@ mod tests {
                 };
                 let mut theirs = Vec::new();
                 header.format(len as u64, &mut theirs).unwrap();
-                assert_eq!(&ours[..], &theirs[..], "{kind:?} {len}");
+                assert_eq!(ours, &theirs[..], "{kind:?} {len} {rsv1}");
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The wire protocol, free of I/O: handshake validation, frames, close codes and messages.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod json;

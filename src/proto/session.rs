@@ -10,12 +10,15 @@
 //! time.
 //!
 //! While idle a session owns no buffer: `partial` is empty (unallocated) between frames
-//! and `fragments` is `None` between messages.
+//! and `fragments` is `None` between messages. With permessage-deflate agreed, a compressed
+//! message is inflated whole, once complete, by the owner's [`Codec`] (shared by all its
+//! sessions), so no inflate state outlives a message either.
 
 use std::num::NonZeroU64;
 
 use bytes::Bytes;
 
+use super::deflate::{Agreed, Codec};
 use super::frame::{self, Fragments, Kind, Message};
 use super::{CloseCode, ProtocolViolation};
 use crate::heartbeat::{self, Action, Beat};
@@ -137,6 +140,15 @@ impl CloseDeadline {
     }
 }
 
+/// A complete frame as the session sees it.
+struct Received<'a> {
+    kind: Kind,
+    fin: bool,
+    /// RSV1 on a message's first frame: the message is compressed.
+    compressed: bool,
+    payload: &'a [u8],
+}
+
 /// One WebSocket session's protocol state.
 #[derive(Debug)]
 pub struct Session {
@@ -151,6 +163,8 @@ pub struct Session {
     last_seen: u64,
     /// When a closing session is cut off.
     close_deadline: CloseDeadline,
+    /// permessage-deflate, if the handshake agreed it.
+    deflate: Option<Agreed>,
 }
 
 impl Session {
@@ -164,7 +178,19 @@ impl Session {
             beat: Beat::Idle,
             last_seen: now,
             close_deadline: CloseDeadline::default(),
+            deflate: None,
         }
+    }
+
+    /// The session with permessage-deflate as its handshake agreed (or not).
+    pub fn with_deflate(mut self, deflate: Option<Agreed>) -> Session {
+        self.deflate = deflate;
+        self
+    }
+
+    /// permessage-deflate, if agreed: messages may then be sent compressed.
+    pub fn deflate(&self) -> Option<Agreed> {
+        self.deflate
     }
 
     /// What the session serves.
@@ -192,11 +218,13 @@ impl Session {
 
     /// Handles bytes read at tick `now`, unmasking them in place. Complete frames are served
     /// straight from `data`; only an incomplete trailing frame is copied (into `partial`).
+    /// Compressed messages are inflated, and echoes compressed, with `codec`.
     pub fn handle_bytes(
         &mut self,
         data: &mut [u8],
         now: u64,
         max_message: usize,
+        codec: &mut Codec,
         out: &mut Vec<Output>,
     ) {
         self.last_seen = now;
@@ -204,13 +232,13 @@ impl Session {
             return;
         }
         if self.partial.is_empty() {
-            if let Some(consumed) = self.process(data, max_message, out) {
+            if let Some(consumed) = self.process(data, max_message, codec, out) {
                 self.partial.extend_from_slice(&data[consumed..]);
             }
         } else {
             let mut buf = std::mem::take(&mut self.partial);
             buf.extend_from_slice(data);
-            if let Some(consumed) = self.process(&mut buf, max_message, out) {
+            if let Some(consumed) = self.process(&mut buf, max_message, codec, out) {
                 buf.drain(..consumed);
                 if !buf.is_empty() {
                     self.partial = buf;
@@ -225,6 +253,7 @@ impl Session {
         &mut self,
         buf: &mut [u8],
         max_message: usize,
+        codec: &mut Codec,
         out: &mut Vec<Output>,
     ) -> Option<usize> {
         let mut pos = 0;
@@ -232,7 +261,8 @@ impl Session {
             if !self.phase.reads() {
                 return None;
             }
-            let parsed = match frame::parse(&mut buf[pos..], max_message) {
+            let deflate = self.deflate.is_some();
+            let parsed = match frame::parse_with(&mut buf[pos..], max_message, deflate) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(v) => {
@@ -242,7 +272,13 @@ impl Session {
             };
             let payload = &buf[pos + parsed.payload.start..pos + parsed.payload.end];
             pos += parsed.len;
-            if let Err(v) = self.on_frame(parsed.kind, parsed.fin, payload, max_message, out) {
+            let frame = Received {
+                kind: parsed.kind,
+                fin: parsed.fin,
+                compressed: parsed.compressed,
+                payload,
+            };
+            if let Err(v) = self.on_frame(frame, max_message, codec, out) {
                 self.fail(v, out);
                 return None;
             }
@@ -252,12 +288,17 @@ impl Session {
 
     fn on_frame(
         &mut self,
-        kind: Kind,
-        fin: bool,
-        payload: &[u8],
+        frame: Received<'_>,
         max_message: usize,
+        codec: &mut Codec,
         out: &mut Vec<Output>,
     ) -> Result<(), ProtocolViolation> {
+        let Received {
+            kind,
+            fin,
+            compressed,
+            payload,
+        } = frame;
         match kind {
             Kind::Text | Kind::Binary => {
                 // §5.4: a fragmented message's frames must not be interleaved with another.
@@ -265,11 +306,15 @@ impl Session {
                     return Err(ProtocolViolation::ExpectedContinuation);
                 }
                 let text = kind == Kind::Text;
-                if fin {
-                    let message = frame::whole_message(text, payload)?;
-                    self.on_message(message, out)?;
+                if !fin {
+                    self.fragments = Some(Fragments::start_with(text, compressed, payload)?);
+                } else if compressed {
+                    let inflated = codec.inflater.inflate(payload, max_message)?;
+                    let message = frame::whole_message(text, &inflated)?;
+                    self.on_message(message, codec, out)?;
                 } else {
-                    self.fragments = Some(Fragments::start(text, payload)?);
+                    let message = frame::whole_message(text, payload)?;
+                    self.on_message(message, codec, out)?;
                 }
             }
             Kind::Continuation => {
@@ -278,7 +323,16 @@ impl Session {
                 };
                 fragments.push(payload, max_message)?;
                 if fin && let Some(fragments) = self.fragments.take() {
-                    self.on_message(fragments.finish()?, out)?;
+                    if fragments.is_compressed() {
+                        let inflated = codec.inflater.inflate(fragments.data(), max_message)?;
+                        // The compressed fragments are let go before the message is served.
+                        let text = fragments.is_text();
+                        drop(fragments);
+                        let message = frame::whole_message(text, &inflated)?;
+                        self.on_message(message, codec, out)?;
+                    } else {
+                        self.on_message(fragments.finish()?, codec, out)?;
+                    }
                 }
             }
             Kind::Ping => {
@@ -313,6 +367,7 @@ impl Session {
     fn on_message(
         &mut self,
         message: Message<'_>,
+        codec: &mut Codec,
         out: &mut Vec<Output>,
     ) -> Result<(), ProtocolViolation> {
         if !self.phase.is_open() {
@@ -320,10 +375,11 @@ impl Session {
         }
         match (self.mode, message) {
             (Mode::Echo, Message::Text(text)) => {
-                out.push(Output::Send(frame::encode(Kind::Text, text.as_bytes())));
+                let echo = codec.encode(Kind::Text, text.as_bytes(), self.deflate);
+                out.push(Output::Send(echo));
             }
             (Mode::Echo, Message::Binary(data)) => {
-                out.push(Output::Send(frame::encode(Kind::Binary, data)));
+                out.push(Output::Send(codec.encode(Kind::Binary, data, self.deflate)));
             }
             (Mode::Gateway, Message::Text(text)) => out.push(Output::Message(text.to_owned())),
             (Mode::Gateway, Message::Binary(_)) => return Err(ProtocolViolation::Binary),
@@ -450,6 +506,7 @@ mod tests {
     /// The server side of an in-memory pair: feeds client bytes at a tick, collects output.
     struct Pair {
         server: Session,
+        codec: Codec,
         now: u64,
     }
 
@@ -457,6 +514,7 @@ mod tests {
         fn new(mode: Mode) -> Pair {
             Pair {
                 server: Session::new(mode, 0),
+                codec: Codec::new(16),
                 now: 0,
             }
         }
@@ -465,7 +523,7 @@ mod tests {
             let mut out = Vec::new();
             let mut bytes = bytes.to_vec();
             self.server
-                .handle_bytes(&mut bytes, self.now, MAX, &mut out);
+                .handle_bytes(&mut bytes, self.now, MAX, &mut self.codec, &mut out);
             out
         }
 
@@ -615,5 +673,142 @@ mod tests {
             session.handle_timeout(100, &timing, &mut Vec::new()),
             Due::Never
         );
+    }
+
+    /// A client's compressed payload, made by an independent compressor. miniz ends it
+    /// with a final block, which RFC 7692 allows a client to send (§7.2.3.4).
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        miniz_oxide::deflate::compress_to_vec(data, 6)
+    }
+
+    fn compressed_frame(kind: Kind, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut frame = client_frame(kind, fin, payload);
+        frame[0] |= 0x40;
+        frame
+    }
+
+    fn agreed() -> Option<Agreed> {
+        crate::proto::deflate::negotiate([&b"permessage-deflate"[..]])
+    }
+
+    fn deflate_pair(mode: Mode) -> Pair {
+        let mut pair = Pair::new(mode);
+        pair.server = Session::new(mode, 0).with_deflate(agreed());
+        pair
+    }
+
+    fn violation(v: ProtocolViolation) -> Vec<Output> {
+        vec![Output::Close {
+            frame: frame::encode_close(v.close_code(), &v.to_string()),
+            violation: true,
+        }]
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_in_fragments() {
+        let text = r#"{"type":"subscribe","topics":["config:prod"]}"#.repeat(20);
+        let packed = deflated(text.as_bytes());
+        let mut pair = deflate_pair(Mode::Gateway);
+        assert_eq!(
+            pair.send(&compressed_frame(Kind::Text, true, &packed)),
+            vec![Output::Message(text.clone())]
+        );
+        // Fragmented: RSV1 on the first frame only, pings between.
+        let (a, b) = packed.split_at(packed.len() / 2);
+        let mut bytes = compressed_frame(Kind::Text, false, a);
+        bytes.extend(client_frame(Kind::Ping, true, b"p"));
+        bytes.extend(client_frame(Kind::Continuation, true, b));
+        assert_eq!(
+            pair.send(&bytes),
+            vec![
+                Output::Send(encode(Kind::Pong, b"p")),
+                Output::Message(text.clone())
+            ]
+        );
+        // Uncompressed messages still pass on a compressed connection.
+        assert_eq!(
+            pair.send(&client_frame(Kind::Text, true, b"plain")),
+            vec![Output::Message("plain".into())]
+        );
+        assert_eq!(
+            pair.server.inbound_bytes(),
+            0,
+            "nothing held between messages"
+        );
+    }
+
+    #[test]
+    fn misplaced_compressed_bits_fail_with_1002() {
+        let packed = deflated(b"hello");
+        // RSV1 without the extension.
+        let mut pair = Pair::new(Mode::Gateway);
+        assert_eq!(
+            pair.send(&compressed_frame(Kind::Text, true, &packed)),
+            violation(ProtocolViolation::ReservedBits)
+        );
+        // RSV1 on a continuation.
+        let mut pair = deflate_pair(Mode::Gateway);
+        let mut bytes = client_frame(Kind::Text, false, b"he");
+        bytes.extend(compressed_frame(Kind::Continuation, true, b"llo"));
+        assert_eq!(
+            pair.send(&bytes),
+            violation(ProtocolViolation::MisplacedCompressedBit)
+        );
+        // RSV1 on a control frame.
+        let mut pair = deflate_pair(Mode::Gateway);
+        assert_eq!(
+            pair.send(&compressed_frame(Kind::Ping, true, b"")),
+            violation(ProtocolViolation::MisplacedCompressedBit)
+        );
+        for v in [
+            ProtocolViolation::ReservedBits,
+            ProtocolViolation::MisplacedCompressedBit,
+        ] {
+            assert_eq!(v.close_code(), CloseCode::Protocol);
+        }
+    }
+
+    #[test]
+    fn an_inflate_bomb_closes_with_1009_and_garbage_with_1007() {
+        let bomb = deflated(&vec![b'a'; 10 * MAX]);
+        assert!(bomb.len() < MAX / 4);
+        let mut pair = deflate_pair(Mode::Gateway);
+        assert_eq!(
+            pair.send(&compressed_frame(Kind::Text, true, &bomb)),
+            violation(ProtocolViolation::TooBig)
+        );
+        assert_eq!(ProtocolViolation::TooBig.close_code(), CloseCode::TooBig);
+        let mut pair = deflate_pair(Mode::Gateway);
+        assert_eq!(
+            pair.send(&compressed_frame(Kind::Text, true, &[0xff, 0xff])),
+            violation(ProtocolViolation::BadDeflate)
+        );
+        // Invalid UTF-8 inside compressed text is still 1007.
+        let mut pair = deflate_pair(Mode::Gateway);
+        assert_eq!(
+            pair.send(&compressed_frame(Kind::Text, true, &deflated(&[0xff; 40]))),
+            violation(ProtocolViolation::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn echoes_are_compressed_when_agreed_and_long_enough() {
+        let text = "echo ".repeat(100);
+        let mut pair = deflate_pair(Mode::Echo);
+        let out = pair.send(&compressed_frame(
+            Kind::Text,
+            true,
+            &deflated(text.as_bytes()),
+        ));
+        let [Output::Send(echo)] = &out[..] else {
+            panic!("{out:?}");
+        };
+        assert_eq!(echo[0], 0xC1, "FIN, RSV1, text");
+        let mut plain = Pair::new(Mode::Echo);
+        let out = plain.send(&client_frame(Kind::Text, true, text.as_bytes()));
+        assert_eq!(out, vec![Output::Send(encode(Kind::Text, text.as_bytes()))]);
+        // Under the codec's minimum, even an agreed connection gets it plain.
+        let out = pair.send(&client_frame(Kind::Text, true, b"tiny"));
+        assert_eq!(out, vec![Output::Send(encode(Kind::Text, b"tiny"))]);
     }
 }

@@ -45,6 +45,9 @@ pub struct WorkerSpec {
     /// How subscribers connect and subscribe.
     #[serde(default)]
     pub transport: Transport,
+    /// WebSocket subscribers offer permessage-deflate.
+    #[serde(default)]
+    pub deflate: bool,
 }
 
 impl WorkerSpec {
@@ -168,6 +171,7 @@ mod tests {
             timeout_ms: 0,
             track_offsets: false,
             transport: Transport::Ws,
+            deflate: false,
         }
     }
 
