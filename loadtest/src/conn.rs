@@ -110,6 +110,9 @@ pub enum Reply {
 pub struct FrameCounts {
     /// Text frames that were part of a fragmented message (not measured).
     pub fragmented: u64,
+    /// Bytes of whole text frames as they came off the wire (header and payload,
+    /// compressed or not).
+    pub text_bytes: u64,
 }
 
 /// A client WebSocket connection.
@@ -396,6 +399,7 @@ impl WsConn {
                 pos += used;
                 match frame.opcode {
                     opcode::TEXT if frame.fin && frame.rsv1 => {
+                        counts.text_bytes += used as u64;
                         let reply = INFLATE.with(|cell| {
                             let (inflater, text) = &mut *cell.borrow_mut();
                             wire::inflate_message(inflater, frame.payload, text, MAX_INFLATED)
@@ -410,6 +414,7 @@ impl WsConn {
                         push_reply(&mut self.out, &mut self.rng, reply);
                     }
                     opcode::TEXT if frame.fin => {
+                        counts.text_bytes += used as u64;
                         let reply = on_text(frame.payload, now);
                         push_reply(&mut self.out, &mut self.rng, reply);
                     }

@@ -241,6 +241,8 @@ pub struct Aggregate {
     pub lost: u64,
     /// Fragmented text frames (not measured).
     pub fragmented: u64,
+    /// Bytes of whole text frames received, as on the wire.
+    pub text_bytes: u64,
     /// Publish-to-receive latency.
     pub latency: Latency,
     /// Regular subscribers the server closed, by kind.
@@ -280,6 +282,7 @@ impl Aggregate {
             a.expected += r.expected;
             a.lost += r.lost;
             a.fragmented += r.fragmented;
+            a.text_bytes += r.text_bytes;
             hist.add(histo::decode(&r.histogram)?)
                 .map_err(|e| format!("merging histograms: {e:?}"))?;
             merge(&mut a.regular_closed, &r.regular_closed);

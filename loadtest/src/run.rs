@@ -122,13 +122,6 @@ impl RunData {
         let (a, b) = (self.publish_start?, self.drained?);
         Some((b.user_s - a.user_s, b.sys_s - a.sys_s))
     }
-
-    /// Bytes the server wrote from the publishing start to the drained sample (its
-    /// deliveries, plus the publish responses).
-    pub fn written(&self) -> Option<u64> {
-        let (a, b) = (self.publish_start?, self.drained?);
-        Some(b.written.saturating_sub(a.written))
-    }
 }
 
 /// A progress bar (hidden unless `show`).

@@ -183,10 +183,8 @@ fn publish_metrics(r: &mut Row, d: &RunData) {
         cpu.and_then(|c| per(c.0 + c.1)),
     );
     r.opt(
-        "written_bytes_per_delivery",
-        "bytes written/delivery",
-        d.written()
-            .filter(|_| a.deliveries > 0)
-            .map(|w| round(w as f64 / a.deliveries as f64, 1)),
+        "wire_bytes_per_delivery",
+        "wire bytes/delivery",
+        (a.deliveries > 0).then(|| round(a.text_bytes as f64 / a.deliveries as f64, 1)),
     );
 }

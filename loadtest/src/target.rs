@@ -183,9 +183,6 @@ pub struct ProcSample {
     pub user_s: f64,
     /// System CPU seconds since the process started.
     pub sys_s: f64,
-    /// Bytes the process handed to `write`-family calls (`wchar` of `/proc/<pid>/io`),
-    /// sockets included: what it put on the wire, less TCP/IP headers.
-    pub written: u64,
 }
 
 impl ProcSample {
@@ -202,19 +199,10 @@ impl ProcSample {
             .ok()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let (user_s, sys_s) = cpu_from_stat(&stat)?;
-        let written = std::fs::read_to_string(format!("/proc/{pid}/io"))
-            .ok()
-            .and_then(|io| {
-                io.lines()
-                    .find_map(|l| l.strip_prefix("wchar:"))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0);
         Some(ProcSample {
             rss: rss_kb * 1024,
             user_s,
             sys_s,
-            written,
         })
     }
 

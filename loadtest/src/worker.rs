@@ -272,6 +272,7 @@ fn finish(shared: &Shared, published: &[u64], accepted: &Ranges) -> WorkerResult
         expected,
         lost,
         fragmented: shared.counts.get().fragmented,
+        text_bytes: shared.counts.get().text_bytes,
         histogram: histo::encode(&shared.hist.borrow()),
         regular_closed: shared.regular_closed.borrow().clone(),
         slow_total,
@@ -390,11 +391,13 @@ async fn regular_conn(shared: &Shared, ws: &mut Conn, i: usize) -> std::result::
                 on_event(shared, i, text, now)
             })
             .await;
-        if counts.fragmented > 0 {
+        if counts.fragmented > 0 || counts.text_bytes > 0 {
             let mut c = shared.counts.get();
             c.fragmented += counts.fragmented;
+            c.text_bytes += counts.text_bytes;
             shared.counts.set(c);
             counts.fragmented = 0;
+            counts.text_bytes = 0;
         }
         match res {
             Ok(None) => {}

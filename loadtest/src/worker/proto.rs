@@ -135,6 +135,9 @@ pub struct WorkerResult {
     pub lost: u64,
     /// Fragmented text frames (not measured).
     pub fragmented: u64,
+    /// Bytes of whole text frames received, as on the wire.
+    #[serde(default)]
+    pub text_bytes: u64,
     /// Latency histogram in µs (hdrhistogram V2, base64).
     pub histogram: String,
     /// How the server ended regular subscribers, by kind.
