@@ -107,12 +107,8 @@ impl Node for Hub {
 
     fn apply_matched<'a>(&'a self, name: &'a str, seq: &'a Sequenced) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let metrics = &self.shared.metrics;
-            let Ok(topic) = self
-                .shared
-                .topics
-                .get_or_create(name, || metrics.topic_created())
-            else {
+            // Validated too: the name came from a Redis channel.
+            let Ok(topic) = self.topic(name) else {
                 return;
             };
             if topic.state.lock().synced {
@@ -141,12 +137,7 @@ impl Node for Hub {
     }
 
     fn rebase(&self, name: &str, view: &TopicView) {
-        let metrics = &self.shared.metrics;
-        let Ok(topic) = self
-            .shared
-            .topics
-            .get_or_create(name, || metrics.topic_created())
-        else {
+        let Ok(topic) = self.topic(name) else {
             return;
         };
         let backlog = &self.shared.backlog;
