@@ -531,13 +531,11 @@ mod tests {
                 rss: 0,
                 user_s: 1.0,
                 sys_s: 1.0,
-                written: 0,
             }),
             drained: Some(ProcSample {
                 rss: 0,
                 user_s: 1.5,
                 sys_s: 3.0,
-                written: 0,
             }),
             alive: true,
             agg: Aggregate {
@@ -565,13 +563,11 @@ mod tests {
                 rss: 1 << 20,
                 user_s: 0.0,
                 sys_s: 0.0,
-                written: 0,
             }),
             redis_published: (config == Config::Cluster).then_some(ProcSample {
                 rss: 1 << 20,
                 user_s: 0.03,
                 sys_s: 0.03,
-                written: 0,
             }),
             redis_commands: (config == Config::Cluster).then(|| {
                 BTreeMap::from([
