@@ -31,6 +31,7 @@ pub mod coord;
 pub mod flood;
 pub mod histo;
 pub mod offsets;
+pub mod peer;
 pub mod publisher;
 pub mod redis_server;
 pub mod report;

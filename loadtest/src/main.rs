@@ -12,6 +12,7 @@ use tidings_loadtest::Result;
 use tidings_loadtest::cluster::{self, ClusterPlan, Config};
 use tidings_loadtest::conn::Transport;
 use tidings_loadtest::flood::{self, FloodPlan};
+use tidings_loadtest::peer::Peer;
 use tidings_loadtest::report::{self, Row};
 use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
 use tidings_loadtest::scenarios::{self, Scenario};
@@ -202,6 +203,15 @@ struct Common {
     /// several servers in one run, one table column each).
     #[arg(long, value_name = "PATH")]
     spawn: Vec<PathBuf>,
+    /// A server described by a peer file (loadtest/peers/*.toml): started (or attached
+    /// to) and driven as it says; repeatable, measured after the `--spawn` ones, one
+    /// column each. WebSocket only.
+    #[arg(long, value_name = "FILE")]
+    peer: Vec<PathBuf>,
+    /// Restrict spawned servers and peers to these CPUs (`0`, `0,1`), e.g. the server on
+    /// core 0 while the harness runs under `taskset -c 1`.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    server_cpus: Vec<usize>,
     /// Extra argument for spawned servers (repeatable).
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -358,12 +368,14 @@ fn each_target(
             labelled(&mut target, transport);
             rows.push(one(&mut target, transport)?);
         }
-    } else if common.spawn.is_empty() {
-        return Err("give --spawn PATH (repeatable) or --url http://host:port".into());
+    } else if common.spawn.is_empty() && common.peer.is_empty() {
+        return Err(
+            "give --spawn PATH or --peer FILE (repeatable) or --url http://host:port".into(),
+        );
     }
     for path in &common.spawn {
         for &transport in &common.transport {
-            let mut target = Target::spawn(path, &common.server_args)?;
+            let mut target = Target::spawn_pinned(path, &common.server_args, &common.server_cpus)?;
             labelled(&mut target, transport);
             if !common.quiet && !common.json {
                 eprintln!("{name}: {} on {}", target.label, target.addr);
@@ -371,6 +383,21 @@ fn each_target(
             rows.push(one(&mut target, transport)?);
             // Dropping the target stops the server before the next one starts.
         }
+    }
+    let peers = common
+        .peer
+        .iter()
+        .map(|p| Peer::load(p))
+        .collect::<Result<Vec<_>>>()?;
+    if !peers.is_empty() && common.transport != [Transport::Ws] {
+        return Err("peers are WebSocket servers: drop --transport with --peer".into());
+    }
+    for peer in &peers {
+        let mut target = Target::start_peer(peer, &common.server_cpus)?;
+        if !common.quiet && !common.json {
+            eprintln!("{name}: {} on {}", target.label, target.addr);
+        }
+        rows.push(one(&mut target, Transport::Ws)?);
     }
     if common.json {
         let doc = report::to_json(name, params, &rows);

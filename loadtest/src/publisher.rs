@@ -1,4 +1,5 @@
-//! A minimal blocking HTTP/1.1 keep-alive client for `POST /v1/topics/{topic}/events`.
+//! A minimal blocking HTTP/1.1 keep-alive client for `POST /v1/topics/{topic}/events`,
+//! or any peer's publish request ([`Route`]).
 //!
 //! One TCP connection, one request in flight; hand-written because the publisher runs on
 //! the coordinator's thread between progress updates and must cost next to nothing.
@@ -8,7 +9,25 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::Result;
+use crate::peer::Publish;
 use crate::wire;
+
+/// Where and how a publication is sent.
+#[derive(Debug, Clone, Copy)]
+pub enum Route<'a> {
+    /// tidings' own `POST /v1/topics/{topic}/events` with the payload as body.
+    Gateway,
+    /// The request a peer file describes.
+    Peer(&'a Publish),
+}
+
+impl Published {
+    /// Whether the server took the publication: tidings answers 202; peers any 2xx
+    /// (nchan answers 201 or 202, others 200 or 204).
+    pub fn accepted(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
 
 /// How long one publish may take before the run is declared broken.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +53,8 @@ pub struct Publisher {
     stream: Option<TcpStream>,
     req: Vec<u8>,
     buf: Vec<u8>,
+    path: Vec<u8>,
+    body: Vec<u8>,
     timeout: Duration,
 }
 
@@ -50,22 +71,51 @@ impl Publisher {
             stream: None,
             req: Vec::with_capacity(4096),
             buf: Vec::with_capacity(4096),
+            path: Vec::with_capacity(256),
+            body: Vec::with_capacity(4096),
             timeout,
         }
     }
 
     /// Publishes `body` on `topic` and waits for the response.
     pub fn publish(&mut self, topic: &str, body: &[u8]) -> Result<Published> {
+        self.publish_via(Route::Gateway, topic, body)
+    }
+
+    /// Publishes `payload` on `topic` the way `route` says and waits for the response.
+    pub fn publish_via(
+        &mut self,
+        route: Route<'_>,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Published> {
         self.req.clear();
         // Writing into a Vec cannot fail.
-        let _ = write!(
-            self.req,
-            "POST /v1/topics/{topic}/events HTTP/1.1\r\nHost: {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        self.req.extend_from_slice(body);
+        match route {
+            Route::Gateway => {
+                let _ = write!(
+                    self.req,
+                    "POST /v1/topics/{topic}/events HTTP/1.1\r\nHost: {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    self.addr,
+                    payload.len()
+                );
+                self.req.extend_from_slice(payload);
+            }
+            Route::Peer(p) => {
+                p.request(topic, payload, &mut self.path, &mut self.body);
+                let _ = write!(self.req, "{} ", p.method);
+                self.req.extend_from_slice(&self.path);
+                let _ = write!(
+                    self.req,
+                    " HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+                    self.addr,
+                    p.content_type,
+                    self.body.len()
+                );
+                self.req.extend_from_slice(&self.body);
+            }
+        }
         match self.round_trip() {
             Ok(p) => Ok(p),
             Err(_) => {
