@@ -12,6 +12,7 @@ use tidings_loadtest::Result;
 use tidings_loadtest::cluster::{self, ClusterPlan, Config};
 use tidings_loadtest::conn::Transport;
 use tidings_loadtest::flood::{self, FloodPlan};
+use tidings_loadtest::many::{self, ManyPlan};
 use tidings_loadtest::peer::Peer;
 use tidings_loadtest::report::{self, Row};
 use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
@@ -190,6 +191,42 @@ enum Cmd {
         /// directory, without persistence).
         #[arg(long, default_value = "redis-server")]
         redis_server: PathBuf,
+    },
+    /// Many topics with a few subscribers each (`--topics` × `--per-topic`),
+    /// publications round-robin over the topics at each rate of `--rates` in turn
+    /// (`--step-secs` each, from `--publishers` keep-alive connections) until a step's p99
+    /// passes `--p99-limit-ms` or anything is lost: the highest rate held, deliveries/s,
+    /// p50/p99 per step and server CPU per delivery.
+    #[command(mut_arg("processes", |a| a.default_value("2")))]
+    Many {
+        #[command(flatten)]
+        common: Common,
+        /// Topics. The default keeps the server's connections (topics × per-topic, plus
+        /// publishers) under this box's 20,000 open files per process.
+        #[arg(long, default_value_t = 9000)]
+        topics: usize,
+        /// Subscribers per topic.
+        #[arg(long, default_value_t = 2)]
+        per_topic: usize,
+        /// Publication rates per second, one step each, in order.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1000,2000,5000,10000,20000,40000,80000"
+        )]
+        rates: Vec<f64>,
+        /// Seconds each step publishes.
+        #[arg(long, default_value_t = 10.0)]
+        step_secs: f64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 256)]
+        payload: usize,
+        /// Publisher connections (one thread and one request in flight each).
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+        /// A step whose p99 passes this many ms ends the run.
+        #[arg(long, default_value_t = 50.0)]
+        p99_limit_ms: f64,
     },
     /// Internal: one client worker process (spec and commands on stdin).
     #[command(hide = true)]
@@ -438,6 +475,9 @@ fn measure(cmd: Cmd) -> Result<()> {
                 "duration_s": duration, "control_rate": control_rate,
                 "ceiling_mib": ceiling_mib,
             });
+            if !common.peer.is_empty() {
+                return Err("flood checks tidings' own offsets and 503s: drop --peer".into());
+            }
             return measure_flood(&common, &plan, params);
         }
         Cmd::Cluster {
@@ -453,6 +493,9 @@ fn measure(cmd: Cmd) -> Result<()> {
             };
             if common.warmup > 0 {
                 return Err("cluster has no warm-up: drop --warmup".into());
+            }
+            if !common.peer.is_empty() {
+                return Err("cluster spawns tidings nodes: drop --peer".into());
             }
             let plan = ClusterPlan {
                 server: server.clone(),
@@ -502,10 +545,41 @@ fn measure(cmd: Cmd) -> Result<()> {
             if common.transport != [Transport::Ws] {
                 return Err("stall measures WebSocket upgrades only: drop --transport".into());
             }
+            if !common.peer.is_empty() {
+                return Err("stall subscribes with tidings' own protocol: drop --peer".into());
+            }
             let opts = client_opts(&common);
             return each_target(&common, "stall", params, |target, _| {
                 let data = stall::run(target, &plan, &opts)?;
                 Ok(stall::row(&target.label, &plan, &data))
+            });
+        }
+        Cmd::Many {
+            common,
+            topics,
+            per_topic,
+            rates,
+            step_secs,
+            payload,
+            publishers,
+            p99_limit_ms,
+        } => {
+            let plan = ManyPlan {
+                topics,
+                per_topic,
+                rates,
+                step: Duration::from_secs_f64(step_secs.max(0.0)),
+                payload,
+                publishers,
+                p99_limit_ms,
+            };
+            if common.transport != [Transport::Ws] {
+                return Err("many measures WebSocket subscribers only: drop --transport".into());
+            }
+            let opts = client_opts(&common);
+            return each_target(&common, "many", plan.params(), |target, _| {
+                let data = many::run(target, &plan, &opts)?;
+                Ok(many::row(&target.label, &plan, &data))
             });
         }
         Cmd::Idle {
