@@ -212,7 +212,7 @@ enum Cmd {
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "1000,2000,5000,10000,20000,40000,80000"
+            default_value = "1000,2000,3000,5000,7000,10000,14000,20000,28000,40000,56000,80000"
         )]
         rates: Vec<f64>,
         /// Seconds each step publishes.
