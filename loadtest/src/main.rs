@@ -227,6 +227,10 @@ enum Cmd {
         /// A step whose p99 passes this many ms ends the run.
         #[arg(long, default_value_t = 50.0)]
         p99_limit_ms: f64,
+        /// Publications per request through tidings' batch `POST /v1/publish` (`--spawn`
+        /// only; 0: one POST per publication, as for every server).
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
     },
     /// Internal: one client worker process (spec and commands on stdin).
     #[command(hide = true)]
@@ -563,6 +567,7 @@ fn measure(cmd: Cmd) -> Result<()> {
             payload,
             publishers,
             p99_limit_ms,
+            batch,
         } => {
             let plan = ManyPlan {
                 topics,
@@ -572,6 +577,7 @@ fn measure(cmd: Cmd) -> Result<()> {
                 payload,
                 publishers,
                 p99_limit_ms,
+                batch,
             };
             if common.transport != [Transport::Ws] {
                 return Err("many measures WebSocket subscribers only: drop --transport".into());

@@ -53,6 +53,9 @@ pub struct ManyPlan {
     pub publishers: usize,
     /// A step whose p99 passes this (ms) ends the run.
     pub p99_limit_ms: f64,
+    /// Publications per request through tidings' batch `POST /v1/publish` (0: one
+    /// `POST /v1/topics/{topic}/events` each, as for every server).
+    pub batch: usize,
 }
 
 impl ManyPlan {
@@ -62,6 +65,7 @@ impl ManyPlan {
             "topics": self.topics, "per_topic": self.per_topic, "rates": self.rates,
             "step_s": self.step.as_secs_f64(), "payload": self.payload,
             "publishers": self.publishers, "p99_limit_ms": self.p99_limit_ms,
+            "batch": self.batch,
         })
     }
 }
@@ -140,6 +144,9 @@ struct Lane {
 
 /// Runs `plan` against `target`.
 pub fn run(target: &mut Target, plan: &ManyPlan, opts: &ClientOpts) -> Result<ManyData> {
+    if plan.batch > 0 && target.peer.is_some() {
+        return Err("--batch is tidings' own POST /v1/publish: give tidings with --spawn".into());
+    }
     let topics = plan.topics.max(1);
     let subs = Plan {
         conns: topics * plan.per_topic.max(1),
@@ -169,7 +176,11 @@ pub fn run(target: &mut Target, plan: &ManyPlan, opts: &ClientOpts) -> Result<Ma
         .map(|t| format!("{}:{t}", opts.prefix))
         .collect();
     let peer_publish = target.peer.as_ref().map(|p| p.publish.clone());
-    let route = peer_publish.as_ref().map_or(Route::Gateway, Route::Peer);
+    let route = match (&peer_publish, plan.batch) {
+        (Some(p), _) => Route::Peer(p),
+        (None, 0) => Route::Gateway,
+        (None, _) => Route::Batch,
+    };
     let mut published = vec![0u64; topics];
     let mut seq = 0u64;
     let mut lost_before = 0u64;
@@ -277,7 +288,8 @@ fn verdict(step: &Step, plan: &ManyPlan, first_error: Option<&str>) -> Option<St
 
 /// Publishes `rate` per second for the step's duration from `plan.publishers` threads,
 /// publication `i` (global sequence number `seq0 + i`) on topic `(seq0 + i) % N`, due at
-/// `i / rate` after the start; `follow` runs while they do.
+/// `i / rate` after the start; `follow` runs while they do. With `plan.batch` B > 0, each
+/// request carries publications `kB .. (k+1)B`, due when its first one is.
 #[allow(clippy::too_many_arguments)]
 fn publish_step(
     addr: SocketAddr,
@@ -290,6 +302,8 @@ fn publish_step(
     mut follow: impl FnMut(),
 ) -> Result<Vec<Lane>> {
     let total = (rate * plan.step.as_secs_f64()).round() as u64;
+    let per_request = plan.batch.max(1) as u64;
+    let requests = total.div_ceil(per_request);
     let lanes = plan.publishers.max(1) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
     let start = Instant::now() + STEP_LEAD;
@@ -304,9 +318,12 @@ fn publish_step(
                         ..Lane::default()
                     };
                     let mut publisher = Publisher::new(addr);
+                    let mut one = Vec::with_capacity(payload + 64);
                     let mut body = Vec::with_capacity(payload + 64);
-                    for i in (j..total).step_by(lanes as usize) {
-                        let due = start + interval.mul_f64(i as f64);
+                    let mut items = Vec::with_capacity(per_request as usize);
+                    for k in (j..requests).step_by(lanes as usize) {
+                        let first = k * per_request;
+                        let due = start + interval.mul_f64(first as f64);
                         let now = Instant::now();
                         if now >= cutoff {
                             break;
@@ -314,23 +331,23 @@ fn publish_step(
                         if due > now {
                             std::thread::sleep(due - now);
                         }
-                        let seq = seq0 + i;
-                        let t = (seq % topics.len() as u64) as usize;
-                        wire::build_payload(&mut body, wire::now_ns(), seq, payload);
-                        match publisher.publish_via(route, &topics[t], &body) {
-                            Ok(p) if p.accepted() => {
-                                lane.per_topic[t] += 1;
-                                lane.accepted += 1;
+                        items.clear();
+                        items.extend((first..total.min(first + per_request)).map(|i| {
+                            let seq = seq0 + i;
+                            (seq, (seq % topics.len() as u64) as usize)
+                        }));
+                        let sent = match route {
+                            Route::Batch => {
+                                batch_body(&mut body, &mut one, topics, &items, payload);
+                                publisher.publish_via(route, "", &body)
                             }
-                            Ok(p) => {
-                                lane.errors += 1;
-                                lane.first_error.get_or_insert(format!("HTTP {}", p.status));
+                            _ => {
+                                let (seq, t) = items[0];
+                                wire::build_payload(&mut body, wire::now_ns(), seq, payload);
+                                publisher.publish_via(route, &topics[t], &body)
                             }
-                            Err(e) => {
-                                lane.errors += 1;
-                                lane.first_error.get_or_insert(e.to_string());
-                            }
-                        }
+                        };
+                        lane.count(sent, &publisher, route, &items);
                     }
                     lane
                 })
@@ -345,6 +362,78 @@ fn publish_step(
             .map(|h| h.join().map_err(|_| "a publisher thread panicked".into()))
             .collect()
     })
+}
+
+/// The batch body `[{"topic":T,"data":PAYLOAD},..]` of `items` (sequence number, topic
+/// index) into `body`, each payload built into `one`.
+fn batch_body(
+    body: &mut Vec<u8>,
+    one: &mut Vec<u8>,
+    topics: &[String],
+    items: &[(u64, usize)],
+    payload: usize,
+) {
+    body.clear();
+    body.push(b'[');
+    let now = wire::now_ns();
+    for (n, &(seq, t)) in items.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        wire::build_payload(one, now, seq, payload);
+        body.extend_from_slice(br#"{"topic":""#);
+        body.extend_from_slice(topics[t].as_bytes());
+        body.extend_from_slice(br#"","data":"#);
+        body.extend_from_slice(one);
+        body.push(b'}');
+    }
+    body.push(b']');
+}
+
+impl Lane {
+    /// Counts the answer to one request carrying `items` (sequence number, topic index).
+    fn count(
+        &mut self,
+        sent: Result<crate::publisher::Published>,
+        publisher: &Publisher,
+        route: Route<'_>,
+        items: &[(u64, usize)],
+    ) {
+        let n = items.len() as u64;
+        let p = match sent {
+            Ok(p) => p,
+            Err(e) => {
+                self.errors += n;
+                self.first_error.get_or_insert(e.to_string());
+                return;
+            }
+        };
+        if !p.accepted() {
+            self.errors += n;
+            self.first_error.get_or_insert(format!("HTTP {}", p.status));
+            return;
+        }
+        let published = match route {
+            Route::Batch => publisher.batch_accepted(),
+            _ => Some(vec![true]),
+        };
+        let Some(published) = published.filter(|p| p.len() == items.len()) else {
+            self.errors += n;
+            self.first_error
+                .get_or_insert("unreadable batch answer".into());
+            return;
+        };
+        for (&(_, t), ok) in items.iter().zip(published) {
+            if ok {
+                self.per_topic[t] += 1;
+                self.accepted += 1;
+            } else {
+                self.errors += 1;
+                self.first_error
+                    .get_or_insert("a batch item refused".into());
+            }
+        }
+    }
 }
 
 /// The figures of one target.
@@ -450,6 +539,7 @@ mod tests {
             payload: 256,
             publishers: 2,
             p99_limit_ms: 50.0,
+            batch: 0,
         }
     }
 
@@ -513,5 +603,21 @@ mod tests {
                 .unwrap()
                 .starts_with("200/s: p99")
         );
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_body_is_a_json_array_of_items() {
+        let topics = vec!["b:0".to_string(), "b:1".to_string()];
+        let (mut body, mut one) = (Vec::new(), Vec::new());
+        batch_body(&mut body, &mut one, &topics, &[(4, 0), (5, 1)], 64);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v[1]["topic"], "b:1");
+        assert_eq!(v[1]["data"]["seq"], 5);
+        assert_eq!(v.as_array().unwrap().len(), 2);
     }
 }

@@ -19,6 +19,9 @@ pub enum Route<'a> {
     Gateway,
     /// The request a peer file describes.
     Peer(&'a Publish),
+    /// tidings' batch `POST /v1/publish`: the payload is the JSON array of items (the
+    /// topic argument is unused); [`Publisher::batch_accepted`] counts the answers.
+    Batch,
 }
 
 impl Published {
@@ -55,6 +58,8 @@ pub struct Publisher {
     buf: Vec<u8>,
     path: Vec<u8>,
     body: Vec<u8>,
+    /// Where the last response's body is in `buf`.
+    response: std::ops::Range<usize>,
     timeout: Duration,
 }
 
@@ -73,6 +78,7 @@ impl Publisher {
             buf: Vec::with_capacity(4096),
             path: Vec::with_capacity(256),
             body: Vec::with_capacity(4096),
+            response: 0..0,
             timeout,
         }
     }
@@ -114,6 +120,16 @@ impl Publisher {
                     self.body.len()
                 );
                 self.req.extend_from_slice(&self.body);
+            }
+            Route::Batch => {
+                let _ = write!(
+                    self.req,
+                    "POST /v1/publish HTTP/1.1\r\nHost: {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    self.addr,
+                    payload.len()
+                );
+                self.req.extend_from_slice(payload);
             }
         }
         match self.round_trip() {
@@ -174,6 +190,7 @@ impl Publisher {
         while self.buf.len() < head_len + content_length {
             read_more(stream, &mut self.buf)?;
         }
+        self.response = head_len..head_len + content_length;
         let body = &self.buf[head_len..head_len + content_length];
         let offset = wire::number_after(body, b"\"offset\":");
         if close {
@@ -187,6 +204,35 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// The body of the last response.
+    pub fn response_body(&self) -> &[u8] {
+        self.buf.get(self.response.clone()).unwrap_or_default()
+    }
+
+    /// For every item of the last batch response, in order, whether it was published
+    /// (answered with an offset); `None` if the body is not a batch answer.
+    pub fn batch_accepted(&self) -> Option<Vec<bool>> {
+        batch_accepted(self.response_body())
+    }
+}
+
+/// For each item of a batch answer `{"results":[{"topic":T,"offset":N} |
+/// {"topic":T,"error":{..}}, ..]}`, whether it was published.
+fn batch_accepted(body: &[u8]) -> Option<Vec<bool>> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        results: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        #[serde(default)]
+        offset: Option<u64>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    Some(answer.results.iter().map(|i| i.offset.is_some()).collect())
+}
+
 fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
     let mut chunk = [0u8; 4096];
     let n = stream.read(&mut chunk)?;
@@ -195,4 +241,19 @@ fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_answers_count_published_items_only() {
+        let body = br#"{"results":[{"topic":"a:1","offset":7},
+            {"topic":"a:2","error":{"status":503,"code":"overloaded","message":"m"}},
+            {"topic":"a:3","offset":1}]}"#;
+        assert_eq!(batch_accepted(body), Some(vec![true, false, true]));
+        assert_eq!(batch_accepted(b"{}"), None);
+        assert_eq!(batch_accepted(b"not json"), None);
+    }
 }
