@@ -284,8 +284,8 @@ impl MessageSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
-    /// The WebSocket URL, `ws://{host}/path`: only the path (a template of `{topic}`,
-    /// `{topics}`) is used; the host is always the server the harness started.
+    /// The WebSocket URL, `ws://{host}/path` (a template of `{host}`, `{topic}`,
+    /// `{topics}`): only the path is used; the host is always the server's address.
     pub url: Template,
     /// A text frame sent once upgraded (a template of `{topic}`, `{topics}`).
     #[serde(default)]
