@@ -252,6 +252,7 @@ pub fn run_nodes(
     let publish_start: Vec<Option<ProcSample>> = nodes.iter().map(Target::sample).collect();
     let totals = run::publish_for(
         first_addr,
+        crate::publisher::Route::Gateway,
         &mut workers,
         publish,
         &mut published,

@@ -280,6 +280,44 @@ pub async fn subscribe(
     }
 }
 
+/// Subscribes a connection to a peer described by a peer file: sends its subscribe frame
+/// if it has one and, if it names an acknowledgement, reads until a message contains it
+/// (one containing its error text fails the subscribe).
+pub async fn subscribe_peer(
+    ws: &mut WsConn,
+    scratch: &RefCell<Vec<u8>>,
+    how: &crate::peer::Subscribe,
+    topic: &str,
+) -> Result<(), Fail> {
+    if let Some(frame) = how.frame(topic) {
+        ws.send_text(frame.as_bytes()).await?;
+    }
+    let Some(ack) = &how.ack else {
+        return Ok(());
+    };
+    let contains = |text: &[u8], s: &str| memchr::memmem::find(text, s.as_bytes()).is_some();
+    let mut counts = FrameCounts::default();
+    loop {
+        let mut state = None;
+        let end = ws
+            .read_some(scratch, &mut counts, |text, _| {
+                if contains(text, ack) {
+                    state = Some(Ok(()));
+                } else if how.error.as_deref().is_some_and(|e| contains(text, e)) {
+                    state = Some(Err(Fail::SubscribeError));
+                }
+                Reply::None
+            })
+            .await?;
+        if let Some(state) = state {
+            return state;
+        }
+        if let Some(end) = end {
+            return Err(Fail::Ended(end));
+        }
+    }
+}
+
 impl WsConn {
     /// Performs the upgrade on a connected stream; bytes after the 101 head are kept.
     pub async fn upgrade(

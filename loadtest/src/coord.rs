@@ -33,6 +33,7 @@ pub struct Workers {
     progress: Vec<Progress>,
     ready: Vec<bool>,
     results: Vec<Option<WorkerResult>>,
+    checkpoints: Vec<Option<WorkerResult>>,
     gone: Vec<bool>,
     /// Whether the workers track offsets (their drain may last longer).
     tracked: bool,
@@ -85,6 +86,7 @@ impl Workers {
             progress: vec![Progress::default(); n],
             ready: vec![false; n],
             results: vec![None; n],
+            checkpoints: vec![None; n],
             gone: vec![false; n],
             tracked: specs.iter().any(|s| s.track_offsets),
             report_by: None,
@@ -129,6 +131,10 @@ impl Workers {
                 self.progress[i] = p;
                 self.ready[i] = true;
             }
+            Msg::Report(i, Report::Checkpoint(r)) => {
+                self.progress[i] = r.progress;
+                self.checkpoints[i] = Some(*r);
+            }
             Msg::Report(i, Report::Result(r)) => {
                 self.progress[i] = r.progress;
                 self.results[i] = Some(*r);
@@ -161,6 +167,30 @@ impl Workers {
     /// Whether every worker finished its initial connections.
     pub fn all_ready(&self) -> bool {
         self.ready.iter().all(|r| *r)
+    }
+
+    /// Ends a step of a stepped run: every worker waits up to `drain` for its
+    /// subscribers to have `published` (per topic, since the start) and reports what
+    /// arrived since the previous checkpoint; merged here. The workers go on.
+    pub fn checkpoint(&mut self, published: Vec<u64>, drain: Duration) -> Result<Aggregate> {
+        let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
+        self.send(&Command::Checkpoint {
+            published,
+            drain_ms,
+        })?;
+        let deadline = Instant::now() + drain + REPORT_GRACE;
+        while self.checkpoints.iter().any(Option::is_none) {
+            if Instant::now() >= deadline {
+                return Err("workers did not report their checkpoint in time".into());
+            }
+            self.poll_until(Instant::now() + Duration::from_millis(20))?;
+        }
+        let each: Vec<WorkerResult> = self
+            .checkpoints
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        Aggregate::of(&each)
     }
 
     /// Sends `Stop` and collects every worker's result.

@@ -13,6 +13,10 @@
 //!   one node alone, driven like `fanout` over several servers;
 //! - [`flood`]: publishers as fast as they can against a bounded gateway, a control topic,
 //!   and the exact delivery check of [`offsets`];
+//! - [`many`]: many topics with a few subscribers each, the publication rate stepped up
+//!   until the p99 passes a limit or anything is lost;
+//! - [`peer`]: peer files, which describe any WebSocket pub/sub server (how to start it,
+//!   subscribe, publish, and read the harness's timestamp back);
 //! - [`stall`]: stalled request heads and bodies from one address, connect attempts
 //!   from another;
 //! - [`target`]: spawning or attaching to the server, `/proc` memory and CPU;
@@ -30,7 +34,9 @@ pub mod conn;
 pub mod coord;
 pub mod flood;
 pub mod histo;
+pub mod many;
 pub mod offsets;
+pub mod peer;
 pub mod publisher;
 pub mod redis_server;
 pub mod report;

@@ -12,6 +12,8 @@ use tidings_loadtest::Result;
 use tidings_loadtest::cluster::{self, ClusterPlan, Config};
 use tidings_loadtest::conn::Transport;
 use tidings_loadtest::flood::{self, FloodPlan};
+use tidings_loadtest::many::{self, ManyPlan};
+use tidings_loadtest::peer::Peer;
 use tidings_loadtest::report::{self, Row};
 use tidings_loadtest::run::{self, ClientOpts, Plan, Publishing};
 use tidings_loadtest::scenarios::{self, Scenario};
@@ -190,6 +192,46 @@ enum Cmd {
         #[arg(long, default_value = "redis-server")]
         redis_server: PathBuf,
     },
+    /// Many topics with a few subscribers each (`--topics` × `--per-topic`),
+    /// publications round-robin over the topics at each rate of `--rates` in turn
+    /// (`--step-secs` each, from `--publishers` keep-alive connections) until a step's p99
+    /// passes `--p99-limit-ms` or anything is lost: the highest rate held, deliveries/s,
+    /// p50/p99 per step and server CPU per delivery.
+    #[command(mut_arg("processes", |a| a.default_value("2")))]
+    Many {
+        #[command(flatten)]
+        common: Common,
+        /// Topics. The default keeps the server's connections (topics × per-topic, plus
+        /// publishers) under this box's 20,000 open files per process.
+        #[arg(long, default_value_t = 9000)]
+        topics: usize,
+        /// Subscribers per topic.
+        #[arg(long, default_value_t = 2)]
+        per_topic: usize,
+        /// Publication rates per second, one step each, in order.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1000,2000,3000,5000,7000,10000,14000,20000,28000,40000,56000,80000"
+        )]
+        rates: Vec<f64>,
+        /// Seconds each step publishes.
+        #[arg(long, default_value_t = 10.0)]
+        step_secs: f64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 256)]
+        payload: usize,
+        /// Publisher connections (one thread and one request in flight each).
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+        /// A step whose p99 passes this many ms ends the run.
+        #[arg(long, default_value_t = 50.0)]
+        p99_limit_ms: f64,
+        /// Publications per request through tidings' batch `POST /v1/publish` (`--spawn`
+        /// only; 0: one POST per publication, as for every server).
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
+    },
     /// Internal: one client worker process (spec and commands on stdin).
     #[command(hide = true)]
     Worker,
@@ -202,6 +244,15 @@ struct Common {
     /// several servers in one run, one table column each).
     #[arg(long, value_name = "PATH")]
     spawn: Vec<PathBuf>,
+    /// A server described by a peer file (loadtest/peers/*.toml): started (or attached
+    /// to) and driven as it says; repeatable, measured after the `--spawn` ones, one
+    /// column each. WebSocket only.
+    #[arg(long, value_name = "FILE")]
+    peer: Vec<PathBuf>,
+    /// Restrict spawned servers and peers to these CPUs (`0`, `0,1`), e.g. the server on
+    /// core 0 while the harness runs under `taskset -c 1`.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    server_cpus: Vec<usize>,
     /// Extra argument for spawned servers (repeatable).
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -369,12 +420,14 @@ fn each_target(
             labelled(&mut target, transport);
             rows.push(one(&mut target, transport)?);
         }
-    } else if common.spawn.is_empty() {
-        return Err("give --spawn PATH (repeatable) or --url http://host:port".into());
+    } else if common.spawn.is_empty() && common.peer.is_empty() {
+        return Err(
+            "give --spawn PATH or --peer FILE (repeatable) or --url http://host:port".into(),
+        );
     }
     for path in &common.spawn {
         for &transport in &common.transport {
-            let mut target = Target::spawn(path, &common.server_args)?;
+            let mut target = Target::spawn_pinned(path, &common.server_args, &common.server_cpus)?;
             labelled(&mut target, transport);
             if !common.quiet && !common.json {
                 eprintln!("{name}: {} on {}", target.label, target.addr);
@@ -382,6 +435,21 @@ fn each_target(
             rows.push(one(&mut target, transport)?);
             // Dropping the target stops the server before the next one starts.
         }
+    }
+    let peers = common
+        .peer
+        .iter()
+        .map(|p| Peer::load(p))
+        .collect::<Result<Vec<_>>>()?;
+    if !peers.is_empty() && common.transport != [Transport::Ws] {
+        return Err("peers are WebSocket servers: drop --transport with --peer".into());
+    }
+    for peer in &peers {
+        let mut target = Target::start_peer(peer, &common.server_cpus)?;
+        if !common.quiet && !common.json {
+            eprintln!("{name}: {} on {}", target.label, target.addr);
+        }
+        rows.push(one(&mut target, Transport::Ws)?);
     }
     if common.json {
         let doc = report::to_json(name, params, &rows);
@@ -422,6 +490,9 @@ fn measure(cmd: Cmd) -> Result<()> {
                 "duration_s": duration, "control_rate": control_rate,
                 "ceiling_mib": ceiling_mib,
             });
+            if !common.peer.is_empty() {
+                return Err("flood checks tidings' own offsets and 503s: drop --peer".into());
+            }
             return measure_flood(&common, &plan, params);
         }
         Cmd::Cluster {
@@ -437,6 +508,9 @@ fn measure(cmd: Cmd) -> Result<()> {
             };
             if common.warmup > 0 {
                 return Err("cluster has no warm-up: drop --warmup".into());
+            }
+            if !common.peer.is_empty() {
+                return Err("cluster spawns tidings nodes: drop --peer".into());
             }
             let plan = ClusterPlan {
                 server: server.clone(),
@@ -487,10 +561,43 @@ fn measure(cmd: Cmd) -> Result<()> {
             if common.transport != [Transport::Ws] {
                 return Err("stall measures WebSocket upgrades only: drop --transport".into());
             }
+            if !common.peer.is_empty() {
+                return Err("stall subscribes with tidings' own protocol: drop --peer".into());
+            }
             let opts = client_opts(&common);
             return each_target(&common, "stall", params, |target, _| {
                 let data = stall::run(target, &plan, &opts)?;
                 Ok(stall::row(&target.label, &plan, &data))
+            });
+        }
+        Cmd::Many {
+            common,
+            topics,
+            per_topic,
+            rates,
+            step_secs,
+            payload,
+            publishers,
+            p99_limit_ms,
+            batch,
+        } => {
+            let plan = ManyPlan {
+                topics,
+                per_topic,
+                rates,
+                step: Duration::from_secs_f64(step_secs.max(0.0)),
+                payload,
+                publishers,
+                p99_limit_ms,
+                batch,
+            };
+            if common.transport != [Transport::Ws] {
+                return Err("many measures WebSocket subscribers only: drop --transport".into());
+            }
+            let opts = client_opts(&common);
+            return each_target(&common, "many", plan.params(), |target, _| {
+                let data = many::run(target, &plan, &opts)?;
+                Ok(many::row(&target.label, &plan, &data))
             });
         }
         Cmd::Idle {

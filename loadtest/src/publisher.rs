@@ -1,4 +1,5 @@
-//! A minimal blocking HTTP/1.1 keep-alive client for `POST /v1/topics/{topic}/events`.
+//! A minimal blocking HTTP/1.1 keep-alive client for `POST /v1/topics/{topic}/events`,
+//! or any peer's publish request ([`Route`]).
 //!
 //! One TCP connection, one request in flight; hand-written because the publisher runs on
 //! the coordinator's thread between progress updates and must cost next to nothing.
@@ -8,7 +9,28 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::Result;
+use crate::peer::Publish;
 use crate::wire;
+
+/// Where and how a publication is sent.
+#[derive(Debug, Clone, Copy)]
+pub enum Route<'a> {
+    /// tidings' own `POST /v1/topics/{topic}/events` with the payload as body.
+    Gateway,
+    /// The request a peer file describes.
+    Peer(&'a Publish),
+    /// tidings' batch `POST /v1/publish`: the payload is the JSON array of items (the
+    /// topic argument is unused); [`Publisher::batch_accepted`] counts the answers.
+    Batch,
+}
+
+impl Published {
+    /// Whether the server took the publication: tidings answers 202; peers any 2xx
+    /// (nchan answers 201 or 202, others 200 or 204).
+    pub fn accepted(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
 
 /// How long one publish may take before the run is declared broken.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +56,10 @@ pub struct Publisher {
     stream: Option<TcpStream>,
     req: Vec<u8>,
     buf: Vec<u8>,
+    path: Vec<u8>,
+    body: Vec<u8>,
+    /// Where the last response's body is in `buf`.
+    response: std::ops::Range<usize>,
     timeout: Duration,
 }
 
@@ -50,22 +76,62 @@ impl Publisher {
             stream: None,
             req: Vec::with_capacity(4096),
             buf: Vec::with_capacity(4096),
+            path: Vec::with_capacity(256),
+            body: Vec::with_capacity(4096),
+            response: 0..0,
             timeout,
         }
     }
 
     /// Publishes `body` on `topic` and waits for the response.
     pub fn publish(&mut self, topic: &str, body: &[u8]) -> Result<Published> {
+        self.publish_via(Route::Gateway, topic, body)
+    }
+
+    /// Publishes `payload` on `topic` the way `route` says and waits for the response.
+    pub fn publish_via(
+        &mut self,
+        route: Route<'_>,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Published> {
         self.req.clear();
         // Writing into a Vec cannot fail.
-        let _ = write!(
-            self.req,
-            "POST /v1/topics/{topic}/events HTTP/1.1\r\nHost: {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        self.req.extend_from_slice(body);
+        match route {
+            Route::Gateway => {
+                let _ = write!(
+                    self.req,
+                    "POST /v1/topics/{topic}/events HTTP/1.1\r\nHost: {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    self.addr,
+                    payload.len()
+                );
+                self.req.extend_from_slice(payload);
+            }
+            Route::Peer(p) => {
+                p.request(topic, payload, &mut self.path, &mut self.body);
+                let _ = write!(self.req, "{} ", p.method);
+                self.req.extend_from_slice(&self.path);
+                let _ = write!(
+                    self.req,
+                    " HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+                    self.addr,
+                    p.content_type,
+                    self.body.len()
+                );
+                self.req.extend_from_slice(&self.body);
+            }
+            Route::Batch => {
+                let _ = write!(
+                    self.req,
+                    "POST /v1/publish HTTP/1.1\r\nHost: {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    self.addr,
+                    payload.len()
+                );
+                self.req.extend_from_slice(payload);
+            }
+        }
         match self.round_trip() {
             Ok(p) => Ok(p),
             Err(_) => {
@@ -124,6 +190,7 @@ impl Publisher {
         while self.buf.len() < head_len + content_length {
             read_more(stream, &mut self.buf)?;
         }
+        self.response = head_len..head_len + content_length;
         let body = &self.buf[head_len..head_len + content_length];
         let offset = wire::number_after(body, b"\"offset\":");
         if close {
@@ -137,6 +204,35 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// The body of the last response.
+    pub fn response_body(&self) -> &[u8] {
+        self.buf.get(self.response.clone()).unwrap_or_default()
+    }
+
+    /// For every item of the last batch response, in order, whether it was published
+    /// (answered with an offset); `None` if the body is not a batch answer.
+    pub fn batch_accepted(&self) -> Option<Vec<bool>> {
+        batch_accepted(self.response_body())
+    }
+}
+
+/// For each item of a batch answer `{"results":[{"topic":T,"offset":N} |
+/// {"topic":T,"error":{..}}, ..]}`, whether it was published.
+fn batch_accepted(body: &[u8]) -> Option<Vec<bool>> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        results: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        #[serde(default)]
+        offset: Option<u64>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    Some(answer.results.iter().map(|i| i.offset.is_some()).collect())
+}
+
 fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
     let mut chunk = [0u8; 4096];
     let n = stream.read(&mut chunk)?;
@@ -145,4 +241,19 @@ fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_answers_count_published_items_only() {
+        let body = br#"{"results":[{"topic":"a:1","offset":7},
+            {"topic":"a:2","error":{"status":503,"code":"overloaded","message":"m"}},
+            {"topic":"a:3","offset":1}]}"#;
+        assert_eq!(batch_accepted(body), Some(vec![true, false, true]));
+        assert_eq!(batch_accepted(b"{}"), None);
+        assert_eq!(batch_accepted(b"not json"), None);
+    }
 }

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::Result;
 use crate::conn::Transport;
 use crate::coord::{Aggregate, Workers};
-use crate::publisher::Publisher;
+use crate::publisher::{Publisher, Route};
 use crate::target::{ProcSample, Target};
 use crate::wire;
 use crate::worker::{Command, WorkerSpec};
@@ -142,7 +142,13 @@ pub(crate) fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
 /// The worker processes' specs for `plan`: connections split evenly, each process
 /// within the per-process open-file budget.
 pub(crate) fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<WorkerSpec> {
-    specs_at(target.addr, 0, plan, opts)
+    let mut specs = specs_at(target.addr, 0, plan, opts);
+    if let Some(peer) = &target.peer {
+        for s in &mut specs {
+            s.peer = Some(peer.client.clone());
+        }
+    }
+    specs
 }
 
 /// [`specs`] for the server at `addr`, numbering the connections from `first` (several
@@ -175,6 +181,7 @@ pub(crate) fn specs_at(
                 track_offsets: plan.track_offsets,
                 transport: opts.transport,
                 deflate: opts.deflate,
+                peer: None,
             };
             first += count;
             spec
@@ -245,8 +252,13 @@ pub fn run(target: &mut Target, plan: &Plan, opts: &ClientOpts) -> Result<RunDat
     let mut published = vec![0u64; plan.topics.max(1)];
     if let Some(publish) = plan.publish {
         data.publish_start = target.sample();
+        let route = target
+            .peer
+            .as_ref()
+            .map_or(Route::Gateway, |p| Route::Peer(&p.publish));
         let totals = publish_for(
             target.addr,
+            route,
             &mut workers,
             publish,
             &mut published,
@@ -289,6 +301,7 @@ pub struct PublishTotals {
 /// counting per topic; `sample` runs every [`SAMPLE_EVERY`] (to follow servers' memory).
 pub(crate) fn publish_for(
     addr: SocketAddr,
+    route: Route<'_>,
     workers: &mut Workers,
     publish: Publishing,
     published: &mut [u64],
@@ -316,8 +329,8 @@ pub(crate) fn publish_for(
             Some(doc) => wire::build_doc_payload(&mut body, wire::now_ns(), seq, doc),
             None => wire::build_payload(&mut body, wire::now_ns(), seq, publish.payload),
         }
-        match publisher.publish(&topics[t], &body) {
-            Ok(p) if p.status == 202 => {
+        match publisher.publish_via(route, &topics[t], &body) {
+            Ok(p) if p.accepted() => {
                 published[t] += 1;
                 totals.accepted += 1;
                 consecutive_errors = 0;

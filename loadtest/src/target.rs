@@ -2,13 +2,15 @@
 //! (`--url` + `--pid`), and its memory and CPU as `/proc/<pid>` reports them.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Result;
+use crate::peer::{Peer, PeerClient, Publish, START_VARS, Template};
 
 /// The line prefix every server prints on stdout once bound.
 const LISTENING: &str = "tidings listening on http://";
@@ -18,6 +20,18 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a spawned server gets to exit after SIGTERM before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often a started peer's port is tried until it accepts.
+const READY_POLL: Duration = Duration::from_millis(50);
+
+/// A peer's protocol, for the driver and its workers.
+#[derive(Debug, Clone)]
+pub struct PeerProto {
+    /// The subscriber side (sent to the workers).
+    pub client: PeerClient,
+    /// How publications are sent.
+    pub publish: Publish,
+}
 
 /// A server the scenarios drive.
 #[derive(Debug)]
@@ -31,16 +45,72 @@ pub struct Target {
     child: Option<Child>,
     /// Where a spawned server's stderr goes.
     pub log: Option<PathBuf>,
+    /// The protocol of a server described by a peer file; `None` is tidings' own.
+    pub peer: Option<PeerProto>,
+    /// A started peer's `{dir}`, removed once it stopped.
+    scratch: Option<PathBuf>,
+}
+
+/// Restricts the process about to `exec` to `cpus` (none: no restriction), so that the
+/// server's threads, created later, all inherit it.
+fn pin(cmd: &mut Command, cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    let cpus = cpus.to_vec();
+    // SAFETY: the closure runs between fork and exec and only calls sched_setaffinity(2)
+    // on a set built on its own stack, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in &cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A loopback port free now (the kernel's pick; released at once, so a peer that starts
+/// within moments binds it).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The log file of a target labelled `label`.
+fn log_path(label: &str) -> PathBuf {
+    let file_label: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::env::temp_dir().join(format!(
+        "tidings-loadtest-{file_label}-{}.log",
+        std::process::id()
+    ))
 }
 
 impl Target {
     /// Spawns `path serve --listen 127.0.0.1:0 ARGS..` and waits for its listening line.
     pub fn spawn(path: &Path, args: &[String]) -> Result<Target> {
+        Target::spawn_pinned(path, args, &[])
+    }
+
+    /// [`Target::spawn`] restricted to `cpus` (none: no restriction).
+    pub fn spawn_pinned(path: &Path, args: &[String], cpus: &[usize]) -> Result<Target> {
         let label = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        Target::spawn_as(path, args, &[], label)
+        Target::launch(path, args, &[], label, cpus)
     }
 
     /// [`Target::spawn`] with extra environment variables and a label of its own (which
@@ -51,28 +121,27 @@ impl Target {
         env: &[(String, String)],
         label: String,
     ) -> Result<Target> {
-        let file_label: String = label
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let log = std::env::temp_dir().join(format!(
-            "tidings-loadtest-{file_label}-{}.log",
-            std::process::id()
-        ));
+        Target::launch(path, args, env, label, &[])
+    }
+
+    fn launch(
+        path: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        label: String,
+        cpus: &[usize],
+    ) -> Result<Target> {
+        let log = log_path(&label);
         let log_file = std::fs::File::create(&log)?;
-        let mut child = Command::new(path)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+        let mut cmd = Command::new(path);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log_file)
+            .stderr(log_file);
+        pin(&mut cmd, cpus);
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", path.display()))?;
         let stdout = child.stdout.take().ok_or("child without stdout")?;
@@ -99,6 +168,8 @@ impl Target {
             pid: Some(pid),
             child: Some(child),
             log: Some(log.clone()),
+            peer: None,
+            scratch: None,
         };
         let addr = match rx.recv_timeout(STARTUP_TIMEOUT) {
             Ok(a) => a,
@@ -136,7 +207,88 @@ impl Target {
             pid,
             child: None,
             log: None,
+            peer: None,
+            scratch: None,
         })
+    }
+
+    /// Starts the server a peer file describes (restricted to `cpus`; none: no
+    /// restriction) on a free loopback port in a fresh directory, its config file written
+    /// there first, and waits until the port accepts; or attaches to its running `url`.
+    pub fn start_peer(peer: &Peer, cpus: &[usize]) -> Result<Target> {
+        let proto = PeerProto {
+            client: peer.client(),
+            publish: peer.publish.clone(),
+        };
+        let Some(command) = &peer.start.command else {
+            let url = peer
+                .start
+                .url
+                .as_deref()
+                .ok_or("peer without command or url")?;
+            let mut target = Target::attach(url, peer.start.pid)?;
+            target.label = peer.name.clone();
+            target.peer = Some(proto);
+            return Ok(target);
+        };
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!(
+            "tidings-loadtest-peer-{}-{}-{port}",
+            peer.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let value = |t: &Template| -> String { peer.start_value(t, port, &dir) };
+        if let Some(config) = &peer.start.config {
+            let path = peer.dir.join(&config.template);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let template = Template::new(&text);
+            template.check(&path.display().to_string(), START_VARS)?;
+            std::fs::write(dir.join(&config.name), value(&template))?;
+        }
+        let program = value(command);
+        let log = log_path(&peer.name);
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(&program);
+        cmd.args(peer.start.args.iter().map(value))
+            .envs(peer.start.env.iter().map(|(k, v)| (k, value(v))))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        pin(&mut cmd, cpus);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting peer {}: {program}: {e}", peer.name))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut target = Target {
+            label: peer.name.clone(),
+            addr,
+            pid: Some(child.id()),
+            child: Some(child),
+            log: Some(log.clone()),
+            peer: Some(proto),
+            scratch: Some(dir),
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while TcpStream::connect_timeout(&addr, READY_POLL).is_err() {
+            if !target.alive() {
+                return Err(
+                    format!("peer {} exited at start; see {}", peer.name, log.display()).into(),
+                );
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "peer {} did not accept on {addr} within {STARTUP_TIMEOUT:?}; see {}",
+                    peer.name,
+                    log.display()
+                )
+                .into());
+            }
+            std::thread::sleep(READY_POLL);
+        }
+        Ok(target)
     }
 
     /// A memory and CPU sample of the server, if its pid is known and readable.
@@ -155,6 +307,16 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = self.scratch.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Target {
+    /// Stops a spawned server: SIGTERM, then SIGKILL after [`SHUTDOWN_GRACE`].
+    fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };

@@ -206,6 +206,9 @@ async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Res
                 Some(Command::Stop { published, drain_ms, accepted }) => {
                     break (published, drain_ms, accepted)
                 }
+                Some(Command::Checkpoint { published, drain_ms }) => {
+                    checkpoint(&shared, &published, Duration::from_millis(drain_ms)).await?;
+                }
                 None => return Err("command channel closed".into()),
             }
         }
@@ -231,6 +234,21 @@ async fn work(spec: WorkerSpec, mut rx: mpsc::UnboundedReceiver<Command>) -> Res
         }
     }
     Ok(finish(&shared, &published, &accepted))
+}
+
+/// Waits up to `drain` for every subscriber to have `published`, reports what arrived
+/// since the last checkpoint, and starts the next step's latency and counts afresh.
+async fn checkpoint(shared: &Shared, published: &[u64], drain: Duration) -> Result<()> {
+    let deadline = Instant::now() + drain;
+    while Instant::now() < deadline && !drained(shared, published) {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let result = finish(shared, published, &Ranges::default());
+    emit(&Report::Checkpoint(Box::new(result)))?;
+    shared.hist.borrow_mut().reset();
+    shared.deliveries.set(0);
+    shared.duplicates.set(0);
+    Ok(())
 }
 
 /// Whether every live regular subscriber has all its topic's publications and every
@@ -311,6 +329,13 @@ async fn open_subscribed(
 ) -> std::result::Result<Conn, Fail> {
     let spec = &shared.spec;
     let stream = conn::connect(spec.addr, global, spec.source_addrs, rcvbuf).await?;
+    if let Some(peer) = &spec.peer {
+        // Peers are WebSocket servers; the coordinator refuses other transports for them.
+        let path = peer.subscribe.path(topic);
+        let mut ws = WsConn::upgrade(stream, &shared.host, &path, global as u64).await?;
+        conn::subscribe_peer(&mut ws, &shared.scratch, &peer.subscribe, topic).await?;
+        return Ok(Conn::Ws(ws));
+    }
     match spec.transport {
         Transport::Ws => {
             let mut ws = WsConn::upgrade_with(
@@ -410,30 +435,46 @@ async fn regular_conn(shared: &Shared, ws: &mut Conn, i: usize) -> std::result::
 /// The per-message work of a regular subscriber: a byte scan, a histogram record and
 /// an offset comparison; no allocation.
 fn on_event(shared: &Shared, i: usize, text: &[u8], now: u64) -> Reply {
+    if let Some(peer) = &shared.spec.peer {
+        if let Some(echo) = peer.message.read(text) {
+            let ev = wire::EventFields {
+                offset: echo.order_key(),
+                t_ns: Some(echo.t_ns),
+            };
+            count_event(shared, i, text, ev, now);
+        }
+        return Reply::None;
+    }
     match wire::classify(text) {
         ServerText::Event(ev) => {
-            shared.deliveries.set(shared.deliveries.get() + 1);
-            {
-                let mut conns = shared.conns.borrow_mut();
-                let r = &mut conns[i];
-                if let Some(log) = shared.logs.borrow_mut().get_mut(i) {
-                    log.record(ev.offset, text);
-                }
-                if ev.offset <= r.max_seen {
-                    shared.duplicates.set(shared.duplicates.get() + 1);
-                } else {
-                    r.unique += 1;
-                    r.max_seen = ev.offset;
-                }
-            }
-            if let Some(t) = ev.t_ns {
-                let us = now.saturating_sub(t) / 1000;
-                shared.hist.borrow_mut().saturating_record(us.max(1));
-            }
+            count_event(shared, i, text, ev, now);
             Reply::None
         }
         ServerText::Ping => Reply::Pong,
         _ => Reply::None,
+    }
+}
+
+/// Counts one delivery to connection `i`: a duplicate unless its offset (or, for peers
+/// without offsets, its sequence key) is above the last one seen; its latency.
+fn count_event(shared: &Shared, i: usize, text: &[u8], ev: wire::EventFields, now: u64) {
+    shared.deliveries.set(shared.deliveries.get() + 1);
+    {
+        let mut conns = shared.conns.borrow_mut();
+        let r = &mut conns[i];
+        if let Some(log) = shared.logs.borrow_mut().get_mut(i) {
+            log.record(ev.offset, text);
+        }
+        if ev.offset <= r.max_seen {
+            shared.duplicates.set(shared.duplicates.get() + 1);
+        } else {
+            r.unique += 1;
+            r.max_seen = ev.offset;
+        }
+    }
+    if let Some(t) = ev.t_ns {
+        let us = now.saturating_sub(t) / 1000;
+        shared.hist.borrow_mut().saturating_record(us.max(1));
     }
 }
 

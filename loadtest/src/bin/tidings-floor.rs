@@ -3,8 +3,8 @@
 //! It accepts the WebSocket upgrade with a hand parse, answers a client's first
 //! `subscribe` with `subscribed`, and then never reads that socket again. A publication
 //! (`POST /v1/topics/{topic}/events`) is encoded into ONE event frame, and one std thread
-//! per core writes that frame to its share of the sockets with non-blocking writes: no
-//! queues, no tasks, no per-subscriber protocol work. A socket that cannot take the
+//! per core writes that frame to its share of that topic's sockets (kept by topic) with
+//! non-blocking writes: no queues, no tasks, no per-subscriber protocol work. A socket that cannot take the
 //! whole frame at once is closed (there is no queue to hold the rest).
 //!
 //! It also serves `GET /v1/topics/{topic}/sse` the same way, as the floor of Server-Sent
@@ -142,18 +142,21 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-/// One writer thread: every publication goes to each of its sockets on that topic.
+/// One writer thread: every publication goes to each of its sockets on that topic. The
+/// sockets are kept by topic, so a publication costs only its own topic's subscribers
+/// (many topics with a few subscribers each cost as little as one big topic).
 fn writer(floor: &Floor, shard: usize, rx: Receiver<Arc<Publication>>) {
-    let mut socks: Vec<Sub> = Vec::new();
+    let mut by_topic: HashMap<u32, Vec<(bool, TcpStream)>> = HashMap::new();
     for p in rx {
-        socks.append(&mut lock(&floor.shards[shard].incoming));
+        for (topic, is_sse, sock) in lock(&floor.shards[shard].incoming).drain(..) {
+            by_topic.entry(topic).or_default().push((is_sse, sock));
+        }
+        let Some(socks) = by_topic.get_mut(&p.topic) else {
+            continue;
+        };
         let mut i = 0;
         while i < socks.len() {
-            let (topic, is_sse, sock) = &mut socks[i];
-            if *topic != p.topic {
-                i += 1;
-                continue;
-            }
+            let (is_sse, sock) = &mut socks[i];
             let bytes = if *is_sse { &p.sse } else { &p.frame };
             match sock.write(bytes) {
                 Ok(n) if n == bytes.len() => i += 1,
@@ -163,6 +166,9 @@ fn writer(floor: &Floor, shard: usize, rx: Receiver<Arc<Publication>>) {
                     floor.closed_slow.fetch_add(1, Ordering::Relaxed);
                 }
             }
+        }
+        if socks.is_empty() {
+            by_topic.remove(&p.topic);
         }
     }
 }

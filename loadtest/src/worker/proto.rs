@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conn::Transport;
 use crate::offsets::{Ranges, Tally};
+use crate::peer::PeerClient;
 
 /// What one worker process is asked to do (first line of its stdin).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +49,10 @@ pub struct WorkerSpec {
     /// WebSocket subscribers offer permessage-deflate.
     #[serde(default)]
     pub deflate: bool,
+    /// A server described by a peer file: how to subscribe and read its deliveries
+    /// (`None`: tidings' own protocol).
+    #[serde(default)]
+    pub peer: Option<PeerClient>,
 }
 
 impl WorkerSpec {
@@ -83,6 +88,15 @@ pub enum Command {
         #[serde(default)]
         accepted: Ranges,
     },
+    /// A step of a stepped run is over: `published[t]` publications went to topic `t`
+    /// since the start. Wait up to `drain_ms` for every subscriber to have them all,
+    /// report a [`Report::Checkpoint`] of what arrived since the last one, and go on.
+    Checkpoint {
+        /// Publications per topic index since the start.
+        published: Vec<u64>,
+        /// Drain deadline in milliseconds.
+        drain_ms: u64,
+    },
 }
 
 /// Worker → coordinator.
@@ -95,6 +109,9 @@ pub enum Report {
     Ready(Progress),
     /// Final result; the worker exits after it.
     Result(Box<WorkerResult>),
+    /// What arrived since the previous checkpoint (latency, deliveries, duplicates; loss
+    /// and expected are since the start); the worker goes on.
+    Checkpoint(Box<WorkerResult>),
 }
 
 /// Live counters of a worker.
@@ -175,6 +192,7 @@ mod tests {
             track_offsets: false,
             transport: Transport::Ws,
             deflate: false,
+            peer: None,
         }
     }
 
