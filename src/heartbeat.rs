@@ -26,6 +26,18 @@ pub fn ticks(d: Duration, tick: Duration) -> u32 {
     (d.as_nanos().div_ceil(tick.as_nanos().max(1))).clamp(1, u32::MAX as u128) as u32
 }
 
+/// How many ticks early a connection's heartbeat runs, for a ping `interval` of `interval`
+/// ticks and a uniform `spread` in [0, 1): up to half an interval. A connection is pinged
+/// after an interval of silence and each pong restarts its interval, so connections opened
+/// together (a reconnect wave after a restart, or a load test's connect phase) would ping
+/// together forever: one ping and one pong per connection in one burst every interval,
+/// delaying every publication queued behind it. Each connection draws its own stagger once
+/// and keeps it, so they stay spread over half an interval.
+pub fn stagger(interval: u32, spread: f64) -> u32 {
+    let early = (f64::from(interval / 2) * spread.clamp(0.0, 1.0)) as u32;
+    early.min(interval.saturating_sub(1))
+}
+
 /// A hashed timing wheel of items due at a tick.
 #[derive(Debug)]
 pub struct Wheel<T> {
@@ -134,6 +146,23 @@ pub fn decide(beat: &mut Beat, now: u64, last_seen: u64, interval: u32, timeout:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stagger_is_at_most_half_an_interval() {
+        assert_eq!(stagger(300, 0.0), 0);
+        assert_eq!(stagger(300, 0.5), 75);
+        assert_eq!(stagger(300, 0.999_999), 149);
+        // Out-of-range spreads are clamped; a heartbeat never comes due at once.
+        assert_eq!(stagger(300, 7.0), 150);
+        assert_eq!(stagger(300, -1.0), 0);
+        assert_eq!(stagger(1, 0.9), 0);
+        assert_eq!(stagger(3, 1.0), 1);
+        let staggers: Vec<u32> = (0..100)
+            .map(|i| stagger(300, f64::from(i) / 100.0))
+            .collect();
+        assert!(staggers.iter().all(|&t| t <= 150));
+        assert!(staggers.windows(2).all(|w| w[0] <= w[1]));
+    }
 
     #[test]
     fn items_come_out_at_their_tick() {

@@ -587,6 +587,9 @@ impl Shard {
         let config = &self.shared.config;
         let now = self.wheel.now();
         let limiter = RateLimiter::new(config.rate_limit, clock_ms);
+        // Each connection's heartbeat runs its own few ticks early, so connections opened
+        // together do not ping (and read pongs) together.
+        let early = heartbeat::stagger(self.timing.interval, rand::random());
         let (transport, max_queued, subscribe_to, identity) = match open {
             Open::WebSocket {
                 mode,
@@ -605,7 +608,9 @@ impl Shard {
                     topics: vec![topic],
                     ..SubscriptionRequest::default()
                 });
-                let session = Session::new(mode, now).with_deflate(deflate);
+                let session = Session::new(mode, now)
+                    .with_deflate(deflate)
+                    .with_stagger(early);
                 let transport = Transport::WebSocket(session);
                 (transport, max_queued, request.map(|r| (r, None)), identity)
             }
@@ -641,7 +646,8 @@ impl Shard {
                 })
             });
         }
-        let first = (self.timing.interval != 0).then(|| now + u64::from(self.timing.interval));
+        let first = (self.timing.interval != 0)
+            .then(|| now + u64::from(self.timing.interval.saturating_sub(early)));
         if let Some(at) = self.with_expiry(slot, first) {
             self.wheel.insert(at, (slot, generation));
         }

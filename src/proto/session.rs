@@ -161,6 +161,8 @@ pub struct Session {
     beat: Beat,
     /// Tick of the last inbound bytes.
     last_seen: u64,
+    /// Ticks by which this connection's heartbeat runs early ([`heartbeat::stagger`]).
+    stagger: u32,
     /// When a closing session is cut off.
     close_deadline: CloseDeadline,
     /// permessage-deflate, if the handshake agreed it.
@@ -177,9 +179,17 @@ impl Session {
             fragments: None,
             beat: Beat::Idle,
             last_seen: now,
+            stagger: 0,
             close_deadline: CloseDeadline::default(),
             deflate: None,
         }
+    }
+
+    /// The session with its heartbeat running `early` ticks before the ping interval
+    /// ([`heartbeat::stagger`]).
+    pub fn with_stagger(mut self, early: u32) -> Session {
+        self.stagger = early;
+        self
     }
 
     /// The session with permessage-deflate as its handshake agreed (or not).
@@ -459,7 +469,7 @@ impl Session {
             &mut self.beat,
             now,
             self.last_seen,
-            timing.interval,
+            timing.interval.saturating_sub(self.stagger).max(1),
             timing.timeout,
         ) {
             Action::Recheck(at) => Due::At(at),
@@ -649,6 +659,25 @@ mod tests {
             "answered at 35: next ping at 65"
         );
         assert_eq!(pair.server.phase(), Phase::Open);
+    }
+
+    #[test]
+    fn a_staggered_heartbeat_keeps_its_lead_after_every_pong() {
+        let mut pair = Pair::new(Mode::Gateway);
+        pair.server = Session::new(Mode::Gateway, 0).with_stagger(8);
+        assert_eq!(
+            pair.advance_to(21).0,
+            Due::At(22),
+            "22 ticks of silence, not 30"
+        );
+        assert_eq!(pair.advance_to(22).0, Due::Ping(32));
+        pair.now = 25;
+        pair.send(&client_frame(Kind::Pong, true, b""));
+        assert_eq!(
+            pair.advance_to(32).0,
+            Due::At(47),
+            "answered at 25: next at 47"
+        );
     }
 
     #[test]
