@@ -116,6 +116,8 @@ async fn main() {
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
         .env("TIDINGS_MAX_QUEUED_BYTES", "4194304")
+        // Every subscriber connects from 127.0.0.1, its WebSocket handshakes overlapping.
+        .env("TIDINGS_MAX_HANDSHAKES_PER_IP", "0")
         .kill_on_drop(true)
         .stdout(std::process::Stdio::piped());
     let connector = if args.tls {
@@ -224,7 +226,8 @@ async fn main() {
         interval.tick().await;
         let body = format!(r#"{{"sent":{},"pad":"{pad}"}}"#, now_us());
         let request = format!(
-            "POST /v1/topics/{topic}/events HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "POST /v1/topics/{topic}/events HTTP/1.1\r\nhost: localhost\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         publisher

@@ -618,8 +618,8 @@ pub(crate) fn open_beyond_loopback(addr: SocketAddr) -> String {
 }
 
 /// Maps `auth_<key>` (from `TIDINGS_AUTH_<KEY>`) to the `auth` section's `<key>`, and
-/// `bus_<key>` and `tls_<key>` to theirs; any other key stays as it is. A string setting takes the raw text (a secret of digits is
-/// still a string).
+/// `bus_<key>` and `tls_<key>` to theirs; any other key stays as it is. A string setting
+/// takes the raw text (a secret of digits is still a string).
 fn nest_env(key: String, raw: &str) -> (String, toml::Value) {
     let sections = [
         (

@@ -69,9 +69,10 @@ impl Gateway {
     /// Creates a gateway (and its shard threads) with `config`.
     ///
     /// # Panics
-    /// If the operating system refuses an event queue or a thread; see [`Gateway::try_new`].
+    /// If the operating system refuses an event queue or a thread, or `[tls]` names files
+    /// that hold no usable certificate and key; see [`Gateway::try_new`].
     pub fn new(config: Config) -> Gateway {
-        Gateway::try_new(config).expect("creating the gateway's shard threads")
+        Gateway::try_new(config).expect("creating the gateway (shard threads, TLS files)")
     }
 
     /// Creates a gateway, or says why the operating system refused its event queues or

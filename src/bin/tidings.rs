@@ -151,11 +151,12 @@ async fn run(config: Config) -> std::io::Result<()> {
     })?;
     let addr = listener.local_addr()?;
     let gateway = Gateway::try_new(config)?;
+    // Before the listening line: whoever reads it may send a SIGHUP at once.
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(gateway.clone())?);
     let scheme = if gateway.is_tls() { "https" } else { "http" };
     println!("tidings listening on {scheme}://{addr}");
     tracing::info!(%addr, tls = gateway.is_tls(), "listening");
-    #[cfg(unix)]
-    tokio::spawn(reload_on_hangup(gateway.clone())?);
     // Wake a runtime worker every second, so that one which went idle after a burst parks
     // again later and collects what other threads freed meanwhile (see
     // `return_freed_memory`).

@@ -147,17 +147,14 @@ pub(crate) async fn serve(
                         reclaim: if acceptor.is_some() { reclaim_tls } else { reclaim },
                     };
                     let held = (permit, slot);
+                    let (hub, tasks) = (hub.clone(), tracker.clone());
                     match &acceptor {
-                        None => {
-                            tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), ctx, held));
+                        None => tracker.spawn(serve_http(hub, stream, tasks, ctx, held)),
+                        Some(tls) => {
+                            let tls = tls.clone();
+                            tracker.spawn(serve_tls(hub, tls, stream, tasks, ctx, held))
                         }
-                        Some(acceptor) => {
-                            let acceptor = acceptor.clone();
-                            tracker.spawn(serve_tls(
-                                hub.clone(), acceptor, stream, tracker.clone(), ctx, held,
-                            ));
-                        }
-                    }
+                    };
                 }
                 Err(e) => {
                     drop(permit);
