@@ -232,6 +232,13 @@ mod tests {
         plain
     }
 
+    /// docs/ARCHITECTURE.md §1c states it: what a TLS peer's box holds besides rustls'
+    /// heap (keys, the receive buffer).
+    #[test]
+    fn a_server_connection_is_about_1_1_kib() {
+        assert_eq!(std::mem::size_of::<ServerConnection>(), 1168);
+    }
+
     #[test]
     fn a_full_socket_leaves_at_most_one_record_in_rustls_and_the_rest_in_the_outbox() {
         let (mut server, mut client) = pair();
