@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::auth::AuthConfig;
 pub use crate::bus::BusConfig;
+pub use crate::net::tls::TlsConfig;
 
 /// Gateway settings. Each limit states the trade-off it makes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,6 +207,10 @@ pub struct Config {
     /// How nodes share topics (`[bus]`; `TIDINGS_BUS_<KEY>` in the environment). The
     /// default is one node on its own, with nothing shared and no Redis.
     pub bus: BusConfig,
+    /// Native TLS (`[tls]`; `TIDINGS_TLS_<KEY>` in the environment): a certificate and key
+    /// in PEM files, reloaded on SIGHUP. The default is plain HTTP, as behind a
+    /// terminating proxy.
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -258,6 +263,7 @@ impl Default for Config {
             deflate_min_bytes: 1024,
             auth: AuthConfig::default(),
             bus: BusConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -371,6 +377,8 @@ setters! {
     auth: AuthConfig,
     /// Sets [`Config::bus`].
     bus: BusConfig,
+    /// Sets [`Config::tls`].
+    tls: TlsConfig,
 }
 
 /// Where a setting came from; configuration errors name it.
@@ -587,6 +595,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         crate::auth::Auth::from_config(&self.auth)
             .map_err(|e| ConfigError::Conflict(e.to_string()))?;
+        if self.tls.is_enabled() {
+            crate::net::tls::load(&self.tls).map_err(|e| ConfigError::Conflict(e.to_string()))?;
+        }
         if !self.auth.is_enabled() && !self.auth.allow_anonymous && !self.listen.ip().is_loopback()
         {
             return Err(ConfigError::Conflict(open_beyond_loopback(self.listen)));
@@ -607,8 +618,8 @@ pub(crate) fn open_beyond_loopback(addr: SocketAddr) -> String {
 }
 
 /// Maps `auth_<key>` (from `TIDINGS_AUTH_<KEY>`) to the `auth` section's `<key>`, and
-/// `bus_<key>` to the `bus` section's; any other key stays as it is. A string setting takes the raw text (a secret of digits is
-/// still a string).
+/// `bus_<key>` and `tls_<key>` to theirs; any other key stays as it is. A string setting
+/// takes the raw text (a secret of digits is still a string).
 fn nest_env(key: String, raw: &str) -> (String, toml::Value) {
     let sections = [
         (
@@ -618,6 +629,10 @@ fn nest_env(key: String, raw: &str) -> (String, toml::Value) {
         (
             "bus",
             toml::Table::try_from(BusConfig::default()).unwrap_or_default(),
+        ),
+        (
+            "tls",
+            toml::Table::try_from(TlsConfig::default()).unwrap_or_default(),
         ),
     ];
     for (section, defaults) in sections {

@@ -54,29 +54,58 @@ pub use bus::{BusConfig, BusError, BusKind};
 pub use config::{Config, ConfigError, ConfigSource};
 pub use hub::{PollError, PublishError, Published, StateWritten, SubscribeError, TopicError};
 pub use metrics::{ClosedStats, Stats};
+pub use net::tls::{TlsConfig, TlsError};
 pub use net::{LISTEN_BACKLOG, listen};
 
 /// A running gateway's handle: cheap to clone, shared by the server and embedders.
 #[derive(Clone, Debug)]
 pub struct Gateway {
     hub: Arc<hub::Hub>,
+    /// The certificate store, with `[tls]` configured.
+    tls: Option<Arc<net::tls::CertStore>>,
 }
 
 impl Gateway {
     /// Creates a gateway (and its shard threads) with `config`.
     ///
     /// # Panics
-    /// If the operating system refuses an event queue or a thread; see [`Gateway::try_new`].
+    /// If the operating system refuses an event queue or a thread, or `[tls]` names files
+    /// that hold no usable certificate and key; see [`Gateway::try_new`].
     pub fn new(config: Config) -> Gateway {
-        Gateway::try_new(config).expect("creating the gateway's shard threads")
+        Gateway::try_new(config).expect("creating the gateway (shard threads, TLS files)")
     }
 
     /// Creates a gateway, or says why the operating system refused its event queues or
     /// threads.
+    /// Fails with `InvalidInput` if `[tls]` names files that hold no usable certificate
+    /// and key.
     pub fn try_new(config: Config) -> std::io::Result<Gateway> {
-        Ok(Gateway {
-            hub: hub::Hub::new(config)?,
-        })
+        let hub = hub::Hub::new(config)?;
+        let tls = if hub.config().tls.is_enabled() {
+            let store =
+                net::tls::CertStore::open(&hub.config().tls, hub.metrics().tls_reloads().clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            Some(Arc::new(store))
+        } else {
+            None
+        };
+        Ok(Gateway { hub, tls })
+    }
+
+    /// Reads `[tls]`'s certificate and key again (the binary does this on SIGHUP): new
+    /// handshakes use them, connections already open keep theirs. On an error the
+    /// certificate in force stays; either way `tidings_tls_reloads_total{result}` counts it.
+    /// Without `[tls]` there is nothing to reload and this returns `Ok`.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(store) => store.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether connections are served over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The configuration in force.
@@ -127,7 +156,7 @@ impl Gateway {
         }
         // JWKS reloads run while serving and stop with it.
         let _refreshing = auth.start();
-        net::serve(self.hub, listener, shutdown).await
+        net::serve(self.hub, listener, self.tls, shutdown).await
     }
 }
 

@@ -71,6 +71,11 @@ impl EncodeLabelValue for CloseReason {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabel {
     reason: CloseReason,
 }
@@ -93,6 +98,7 @@ pub struct Metrics {
     sse_streams: Gauge,
     bytes_out: Counter,
     bus: BusMetrics,
+    tls: crate::net::tls::ReloadCounters,
 }
 
 /// What the shared bus reports (all zero on a local bus); the engine holds a clone.
@@ -135,6 +141,20 @@ impl Default for Metrics {
             bytes_out.clone(),
         );
         let bus = BusMetrics::default();
+        let tls_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "TLS certificate reloads (SIGHUP), by result",
+            tls_reloads.clone(),
+        );
+        // One statement each: a family's read guard must be gone before the next insert.
+        let ok = tls_reloads
+            .get_or_create(&ResultLabel { result: "ok" })
+            .clone();
+        let error = tls_reloads
+            .get_or_create(&ResultLabel { result: "error" })
+            .clone();
+        let tls = crate::net::tls::ReloadCounters { ok, error };
         registry.register(
             "bus_degraded",
             "1 while this node's Redis bus does not answer (writes refused, /readyz failing)",
@@ -227,6 +247,7 @@ impl Default for Metrics {
             sse_streams,
             bytes_out,
             bus,
+            tls,
         }
     }
 }
@@ -274,6 +295,11 @@ impl Metrics {
 
     pub(crate) fn set_poll_waiters(&self, n: usize) {
         self.poll_waiters.set(n as i64);
+    }
+
+    /// The TLS reload counters, for the certificate store to update.
+    pub(crate) fn tls_reloads(&self) -> &crate::net::tls::ReloadCounters {
+        &self.tls
     }
 
     /// The bus's counters, for the engine to update.

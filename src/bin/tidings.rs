@@ -150,8 +150,13 @@ async fn run(config: Config) -> std::io::Result<()> {
         std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
     })?;
     let addr = listener.local_addr()?;
-    println!("tidings listening on http://{addr}");
-    tracing::info!(%addr, "listening");
+    let gateway = Gateway::try_new(config)?;
+    // Before the listening line: whoever reads it may send a SIGHUP at once.
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(gateway.clone())?);
+    let scheme = if gateway.is_tls() { "https" } else { "http" };
+    println!("tidings listening on {scheme}://{addr}");
+    tracing::info!(%addr, tls = gateway.is_tls(), "listening");
     // Wake a runtime worker every second, so that one which went idle after a burst parks
     // again later and collects what other threads freed meanwhile (see
     // `return_freed_memory`).
@@ -161,9 +166,27 @@ async fn run(config: Config) -> std::io::Result<()> {
             tick.tick().await;
         }
     });
-    Gateway::new(config)
-        .serve(listener, shutdown_signal())
-        .await
+    gateway.serve(listener, shutdown_signal()).await
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP (the usual "reload" signal, e.g.
+/// systemd's `ExecReload=kill -HUP $MAINPID` after a certificate renewal). Without TLS a
+/// SIGHUP is logged and otherwise ignored, rather than ending the process.
+#[cfg(unix)]
+fn reload_on_hangup(
+    gateway: Gateway,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(async move {
+        while hangups.recv().await.is_some() {
+            if gateway.is_tls() {
+                // The outcome is logged and counted by the reload itself.
+                let _ = gateway.reload_tls();
+            } else {
+                tracing::info!("SIGHUP: nothing to reload (no [tls] configured)");
+            }
+        }
+    })
 }
 
 /// The least time between two collections on one runtime thread.

@@ -28,10 +28,20 @@ pub(crate) struct Limits {
     pub connections: Arc<PerIp>,
 }
 
-/// Recovers the TCP socket (non-blocking, out of tokio's reactor) and the bytes hyper read
-/// past the request, from an upgraded connection.
-pub(crate) type Reclaim =
-    fn(hyper::upgrade::Upgraded) -> io::Result<(std::net::TcpStream, Vec<u8>)>;
+/// An upgraded connection taken back from hyper, for a shard.
+#[derive(Debug)]
+pub(crate) struct Reclaimed {
+    /// The TCP socket, non-blocking, out of tokio's reactor.
+    pub stream: std::net::TcpStream,
+    /// On a TLS connection, its record layer (with what it read and did not hand on yet).
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// The bytes read past the request (plaintext).
+    pub leftover: Vec<u8>,
+}
+
+/// Recovers the socket (and a TLS connection's record layer) and the bytes hyper read past
+/// the request, from an upgraded connection.
+pub(crate) type Reclaim = fn(hyper::upgrade::Upgraded) -> io::Result<Reclaimed>;
 
 /// A request's context (a request extension).
 #[derive(Debug, Clone)]

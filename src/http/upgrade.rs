@@ -133,14 +133,20 @@ pub(crate) async fn upgrade(
             }
         };
         match reclaim(upgraded) {
-            Ok((stream, leftover)) => {
+            Ok(reclaimed) => {
                 let open = Open::WebSocket {
                     mode,
                     subscribe,
                     identity,
                     deflate,
                 };
-                hub.register(stream, leftover, open, slot)
+                hub.register(
+                    reclaimed.stream,
+                    reclaimed.tls,
+                    reclaimed.leftover,
+                    open,
+                    slot,
+                )
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot take the socket back");

@@ -24,6 +24,8 @@ pub(crate) enum Job {
     Register {
         /// The socket, non-blocking.
         stream: std::net::TcpStream,
+        /// A TLS connection's record layer, with what it had read and not yet handed on.
+        tls: Option<Box<rustls::ServerConnection>>,
         /// Bytes the client sent after its request.
         leftover: Vec<u8>,
         /// What the peer is (boxed: a register is rare next to a publication).

@@ -14,6 +14,7 @@ pub(crate) mod peers;
 mod requests;
 mod shard;
 mod sse;
+mod tls;
 pub(crate) mod topics;
 
 use std::sync::Arc;
@@ -303,6 +304,7 @@ impl Hub {
     pub fn register(
         &self,
         stream: std::net::TcpStream,
+        tls: Option<Box<rustls::ServerConnection>>,
         leftover: Vec<u8>,
         open: Open,
         ip: peers::IpSlot,
@@ -310,6 +312,7 @@ impl Hub {
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len();
         self.shards[shard].send(Job::Register {
             stream,
+            tls,
             leftover,
             open: Box::new(open),
             ip,

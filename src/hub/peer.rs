@@ -17,6 +17,7 @@ use mio::net::TcpStream;
 use super::outbox::{Flush, Outbox, Push};
 use super::peers::IpSlot;
 use super::sse::SseStream;
+use super::tls;
 use super::topics::Publication;
 use crate::auth::Identity;
 use crate::metrics::CloseReason;
@@ -169,6 +170,10 @@ pub enum Received {
 #[derive(Debug)]
 pub struct Peer {
     stream: TcpStream,
+    /// Whether the socket carries TLS records (the record layer is in `extras`). A flag
+    /// here, in padding, so a plain peer is its old size and tells itself apart without
+    /// reading the box.
+    tls: bool,
     /// The slab slot's generation, so a stale reference never reaches a reused slot.
     pub(super) generation: u32,
     transport: Transport,
@@ -190,10 +195,20 @@ pub struct Peer {
     pub(super) replying: bool,
     /// `queued_bytes()` and `inbound_bytes()` as last added to the shard's budgets.
     pub(super) accounted: (u32, u32),
-    /// Who the client is and what it may subscribe to; `None` with authentication off.
-    pub(super) access: Option<Box<Access>>,
+    /// What few peers carry (an identity with authentication on, a TLS record layer);
+    /// `None` on a plain peer with authentication off.
+    extras: Option<Box<Extras>>,
     /// The client's place under `max_connections_per_ip`, given back with the peer.
     _ip: IpSlot,
+}
+
+/// A peer's rarer state, boxed so that a peer without any costs one pointer.
+#[derive(Debug, Default)]
+struct Extras {
+    /// Who the client is and what it may subscribe to; `None` with authentication off.
+    access: Option<Access>,
+    /// A TLS peer's record layer (boxed: rustls' connection is over a kilobyte).
+    tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// An authenticated peer's identity, and whether it was told its token is expiring.
@@ -210,6 +225,7 @@ impl Peer {
     /// Wraps a registered socket.
     pub fn new(
         stream: TcpStream,
+        tls: Option<Box<rustls::ServerConnection>>,
         generation: u32,
         transport: Transport,
         max_queued: usize,
@@ -219,8 +235,15 @@ impl Peer {
         if matches!(transport, Transport::Sse(_)) {
             meter(0, 1);
         }
+        let extras = tls.map(|conn| {
+            Box::new(Extras {
+                access: None,
+                tls: Some(conn),
+            })
+        });
         Peer {
             stream,
+            tls: extras.is_some(),
             generation,
             transport,
             outbox: Outbox::default(),
@@ -232,9 +255,38 @@ impl Peer {
             write_interest: false,
             replying: false,
             accounted: (0, 0),
-            access: None,
+            extras,
             _ip: ip,
         }
+    }
+
+    /// Who the client is, with authentication on.
+    pub fn access(&self) -> Option<&Access> {
+        self.extras.as_ref()?.access.as_ref()
+    }
+
+    /// Who the client is, to record a refreshed token or a warning sent.
+    pub fn access_mut(&mut self) -> Option<&mut Access> {
+        self.extras.as_mut()?.access.as_mut()
+    }
+
+    /// Sets who the client is.
+    pub fn set_access(&mut self, access: Option<Access>) {
+        match &mut self.extras {
+            Some(extras) => extras.access = access,
+            None if access.is_some() => {
+                self.extras = Some(Box::new(Extras { access, tls: None }));
+            }
+            None => {}
+        }
+    }
+
+    /// The TLS record layer, on a TLS peer.
+    fn record_layer(&self) -> Option<&rustls::ServerConnection> {
+        if !self.tls {
+            return None;
+        }
+        self.extras.as_ref()?.tls.as_deref()
     }
 
     /// The socket, for (de)registration.
@@ -260,14 +312,17 @@ impl Peer {
         }
     }
 
-    /// Whether bytes are queued.
+    /// Whether bytes are queued (in the outbox, or as TLS records rustls holds).
     pub fn has_queued(&self) -> bool {
-        !self.outbox.is_empty()
+        !self.outbox.is_empty() || self.record_layer().is_some_and(|c| c.wants_write())
     }
 
-    /// Bytes queued for the socket.
+    /// Bytes queued for the socket, TLS records rustls holds included.
     pub fn queued_bytes(&self) -> usize {
-        self.outbox.queued()
+        match self.record_layer() {
+            None => self.outbox.queued(),
+            Some(conn) => self.outbox.queued() + tls::held_ciphertext(conn),
+        }
     }
 
     /// Bytes held for inbound data.
@@ -280,7 +335,7 @@ impl Peer {
 
     /// Whether more than `max_queued_bytes` wait for the socket.
     pub fn over_limit(&self) -> bool {
-        self.outbox.queued() > self.max_queued
+        self.queued_bytes() > self.max_queued
     }
 
     /// Sends bytes already in this peer's encoding. Never blocks; past the queue limit the
@@ -289,7 +344,13 @@ impl Peer {
         if !(self.phase().is_open() || self.replying && self.phase() != Phase::Broken) {
             return Delivery::Dropped;
         }
-        match self.outbox.push(bytes, Metered(&self.stream)) {
+        let pushed = match tls_of(self.tls, &mut self.extras) {
+            None => self.outbox.push(bytes, Metered(&self.stream)),
+            Some(conn) => self
+                .outbox
+                .push(bytes, tls::Sealed::new(conn, Metered(&self.stream))),
+        };
+        match pushed {
             Push::Written => Delivery::Written,
             Push::Broken => {
                 self.break_off(CloseReason::IoError);
@@ -432,13 +493,27 @@ impl Peer {
 
     /// Writes what is queued until done or the socket is full.
     pub fn flush(&mut self) {
-        if self.outbox.flush(Metered(&self.stream)) == Flush::Broken {
+        let flushed = match tls_of(self.tls, &mut self.extras) {
+            None => self.outbox.flush(Metered(&self.stream)),
+            Some(conn) => {
+                let mut sealed = tls::Sealed::new(conn, Metered(&self.stream));
+                match sealed.drain() {
+                    Ok(()) => self.outbox.flush(sealed),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Flush::Blocked,
+                    Err(_) => Flush::Broken,
+                }
+            }
+        };
+        if flushed == Flush::Broken {
             self.break_off(CloseReason::IoError);
         }
     }
 
     /// Reads once from the socket into `buf`.
     pub fn read(&mut self, buf: &mut [u8]) -> Received {
+        if let Some(conn) = tls_of(self.tls, &mut self.extras) {
+            return tls::read(conn, &self.stream, buf);
+        }
         loop {
             return match (&self.stream).read(buf) {
                 Ok(0) => Received::Gone,
@@ -452,8 +527,20 @@ impl Peer {
 
     /// Sends FIN; the socket closes when the peer is dropped.
     pub fn shutdown(&mut self) {
+        if let Some(conn) = tls_of(self.tls, &mut self.extras) {
+            tls::close(conn, Metered(&self.stream));
+        }
         let _ = self.stream.shutdown(Shutdown::Write);
     }
+}
+
+/// The record layer in `extras`, on a TLS peer: a plain peer (`tls` false) never reads the
+/// box. A function of the fields, so the socket and outbox stay borrowable beside it.
+fn tls_of(tls: bool, extras: &mut Option<Box<Extras>>) -> Option<&mut rustls::ServerConnection> {
+    if !tls {
+        return None;
+    }
+    extras.as_mut()?.tls.as_deref_mut()
 }
 
 impl Drop for Peer {

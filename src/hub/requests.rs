@@ -125,7 +125,7 @@ pub(super) fn serve(
         }
         .to_frame(),
         Ok(ClientMessage::Pong) => return,
-        Ok(ClientMessage::Refresh { token, id }) => match conn.access.as_mut() {
+        Ok(ClientMessage::Refresh { token, id }) => match conn.access_mut() {
             None => error_frame(
                 "auth_disabled",
                 "authentication is off: there is no token to refresh",
@@ -242,7 +242,7 @@ pub(super) fn subscribe(
         })
         .collect();
     new_patterns.dedup();
-    if let Some(access) = &conn.access {
+    if let Some(access) = conn.access() {
         let grants = &access.identity.subscribe;
         if let Some(t) = new_topics.iter().find(|t| !grants.allows_topic(t)) {
             return Err(SubscribeError::Forbidden(t.to_string()));

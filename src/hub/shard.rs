@@ -252,10 +252,11 @@ impl Shard {
             Job::Publish(publication) => self.enqueue(publication),
             Job::Register {
                 stream,
+                tls,
                 leftover,
                 open,
                 ip,
-            } => self.register(stream, &leftover, *open, ip),
+            } => self.register(stream, tls, &leftover, *open, ip),
             Job::CloseAll { code, reason } => {
                 // Everything accepted before shutdown goes out before the close frames.
                 self.serve_pending(usize::MAX);
@@ -562,10 +563,14 @@ impl Shard {
     fn register(
         &mut self,
         stream: std::net::TcpStream,
+        mut tls: Option<Box<rustls::ServerConnection>>,
         leftover: &[u8],
         open: Open,
         ip: crate::hub::peers::IpSlot,
     ) {
+        if let Some(conn) = &mut tls {
+            super::tls::adopt(conn);
+        }
         let mut stream = mio::net::TcpStream::from_std(stream);
         let clock_ms = self.now_ms();
         let entry = self.slots.vacant_entry();
@@ -633,18 +638,17 @@ impl Shard {
             }
         };
         let is_sse = matches!(transport, Transport::Sse(_));
+        let is_tls = tls.is_some();
         entry.insert(Peer::new(
-            stream, generation, transport, max_queued, limiter, ip,
+            stream, tls, generation, transport, max_queued, limiter, ip,
         ));
         let slot = slot as SlotId;
         tracing::debug!(slot, generation, sse = is_sse, "peer open");
         if let Some(peer) = self.slots.get_mut(slot as usize) {
-            peer.access = identity.map(|identity| {
-                Box::new(Access {
-                    identity,
-                    warned: false,
-                })
-            });
+            peer.set_access(identity.map(|identity| Access {
+                identity,
+                warned: false,
+            }));
         }
         let first = (self.timing.interval != 0)
             .then(|| now + u64::from(self.timing.interval.saturating_sub(early)));
@@ -679,6 +683,11 @@ impl Shard {
         if !leftover.is_empty() {
             let mut leftover = leftover.to_vec();
             self.on_bytes(slot, &mut leftover, now);
+        }
+        if is_tls {
+            // rustls may hold records read with the request but not yet decrypted or
+            // handed on: no readiness event will announce those.
+            self.more_to_read.push((slot, generation));
         }
         self.settle(slot);
     }
@@ -738,6 +747,8 @@ impl Shard {
                 break;
             };
             match peer.read(&mut scratch) {
+                // TLS records without application data (yet).
+                Received::Bytes(0) => {}
                 Received::Bytes(n) => self.on_bytes(slot, &mut scratch[..n], now),
                 Received::WouldBlock => {
                     more = false;
@@ -974,7 +985,7 @@ impl Shard {
     /// entry, so it costs no timer of its own.
     fn with_expiry(&self, slot: SlotId, at: Option<u64>) -> Option<u64> {
         let peer = self.slots.get(slot as usize)?;
-        let expiry = peer.access.as_ref().and_then(|access| {
+        let expiry = peer.access().and_then(|access| {
             let expires = access.identity.expires?;
             let warn = self.shared.auth.token_expiring().as_secs();
             // An SSE client cannot refresh: it is only ended at expiry.
@@ -1003,7 +1014,7 @@ impl Shard {
             return false;
         };
         let is_sse = matches!(peer.transport(), Transport::Sse(_));
-        let Some(access) = peer.access.as_mut() else {
+        let Some(access) = peer.access_mut() else {
             return false;
         };
         let Some(expires) = access.identity.expires else {

@@ -32,6 +32,15 @@ content-length: 94\r\n\
 \r\n\
 {\"code\":\"too_many_handshakes\",\"message\":\"too many connections from this address; retry later\"}";
 
+/// The answer to a plain HTTP request on a TLS listener (as nginx's 497, but a 400 any
+/// client understands).
+pub const TLS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+content-type: application/json\r\n\
+connection: close\r\n\
+content-length: 76\r\n\
+\r\n\
+{\"code\":\"tls_required\",\"message\":\"this port speaks TLS: connect with https\"}";
+
 /// The answer to a connection accepted with the reserved descriptor when the process is
 /// out of descriptors.
 pub const OUT_OF_DESCRIPTORS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -142,7 +151,7 @@ mod tests {
 
     #[test]
     fn canned_responses_announce_their_length() {
-        for response in [TOO_MANY_HANDSHAKES, OUT_OF_DESCRIPTORS] {
+        for response in [TOO_MANY_HANDSHAKES, OUT_OF_DESCRIPTORS, TLS_REQUIRED] {
             let text = std::str::from_utf8(response).unwrap();
             let (head, body) = text.split_once("\r\n\r\n").unwrap();
             let length: usize = head

@@ -1,8 +1,9 @@
-//! Sockets: the accept loop, hyper connections, reclaiming upgraded sockets for the hub's
-//! shards, and SSE requests read before hyper.
+//! Sockets: the accept loop, TLS handshakes, hyper connections, reclaiming upgraded
+//! sockets for the hub's shards, and SSE requests read before hyper.
 
 mod accept;
 mod framing;
+pub(crate) mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,16 +26,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::context::{Limits, RequestContext, closing, request_timeout_response};
+use crate::http::context::{Limits, Reclaimed, RequestContext, closing, request_timeout_response};
 use crate::http::limits::{IpSlot, PerIp, Proxies};
 use crate::http::{Refusal, error_response, route, sse};
 use crate::hub::{Hub, Open};
 use crate::proto::CloseCode;
 use accept::{
-    ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_PAUSE, ErrorLog, Reserve, TOO_MANY_HANDSHAKES,
-    is_out_of_descriptors, refuse,
+    ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_PAUSE, ErrorLog, Reserve, TLS_REQUIRED,
+    TOO_MANY_HANDSHAKES, is_out_of_descriptors, refuse,
 };
 use framing::{RequestHeads, Sniffed};
+use tls::{CertStore, Replay};
+
+/// A TLS connection as the gateway serves it: the first bytes read to look at the request
+/// line are replayed to whoever reads next (hyper, or the SSE head reader).
+type TlsConn = Replay<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// Pending connections the kernel may queue before `accept`. tokio's `bind` asks for 128,
 /// which a connection storm overflows: the dropped SYNs are retried after a second, so
@@ -68,14 +74,30 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
 /// short, lets the other requests finish, and waits up to `shutdown_timeout` for all of
 /// it.
 ///
+/// With `tls`, every connection is TLS, its certificate taken from the store at each
+/// handshake.
+///
 /// Fails at once with `InvalidInput` if `trusted_proxies` or `forwarded_header` is not
 /// valid.
 pub(crate) async fn serve(
     hub: Arc<Hub>,
     listener: TcpListener,
+    tls: Option<Arc<CertStore>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let config = hub.config();
+    let acceptor = match &tls {
+        Some(store) => {
+            // The kernel could take over record encryption (see docs/ARCHITECTURE.md,
+            // "TLS"); the gateway does not use it yet, but says whether it could.
+            tracing::info!(
+                kernel_tls = tls::kernel_tls_available(),
+                "serving TLS with rustls (userspace records)"
+            );
+            Some(store.acceptor()?)
+        }
+        None => None,
+    };
     let limits = Arc::new(Limits {
         proxies: Proxies::from_config(config)?,
         handshakes: PerIp::new(config.max_handshakes_per_ip),
@@ -122,10 +144,17 @@ pub(crate) async fn serve(
                         limits: limits.clone(),
                         body_timeout: config.body_timeout,
                         stop: stop.clone(),
-                        reclaim,
+                        reclaim: if acceptor.is_some() { reclaim_tls } else { reclaim },
                     };
                     let held = (permit, slot);
-                    tracker.spawn(serve_http(hub.clone(), stream, tracker.clone(), ctx, held));
+                    let (hub, tasks) = (hub.clone(), tracker.clone());
+                    match &acceptor {
+                        None => tracker.spawn(serve_http(hub, stream, tasks, ctx, held)),
+                        Some(tls) => {
+                            let tls = tls.clone();
+                            tracker.spawn(serve_tls(hub, tls, stream, tasks, ctx, held))
+                        }
+                    };
                 }
                 Err(e) => {
                     drop(permit);
@@ -245,6 +274,71 @@ async fn serve_http(
         // Nothing arrived within `handshake_timeout`: hyper would time out the same way.
         None => return,
     };
+    serve_hyper(hub, stream, tracker, ctx).await;
+}
+
+/// Serves one TLS connection: its handshake and first bytes within `handshake_timeout`
+/// (a handshake that stalls holds its places no longer than a plain connection that sends
+/// nothing), then SSE or hyper as [`serve_http`] does. A client speaking plain HTTP to the
+/// TLS port is answered `400 tls_required` and closed.
+async fn serve_tls(
+    hub: Arc<Hub>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    tracker: TaskTracker,
+    ctx: RequestContext,
+    _held: (OwnedSemaphorePermit, IpSlot),
+) {
+    let timeout = hub.config().handshake_timeout;
+    let opened = async {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await? == 0 {
+            return Ok(None);
+        }
+        // A TLS connection starts with a handshake record (content type 22); an HTTP
+        // request starts with a method's letters.
+        if first[0].is_ascii_alphabetic() {
+            return Ok(Some(Err(stream)));
+        }
+        let mut tls = acceptor.accept(stream).await?;
+        let mut head = vec![0u8; PEEK_BYTES];
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut head).await?;
+        head.truncate(n);
+        Ok::<_, io::Error>(Some(Ok((tls, head))))
+    };
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(timeout, opened) => opened,
+        () = ctx.stop.cancelled() => return,
+    };
+    let (tls, head) = match opened {
+        Ok(Ok(Some(Ok(opened)))) => opened,
+        Ok(Ok(Some(Err(plain)))) => return refuse(plain, TLS_REQUIRED),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    if head.is_empty() {
+        return;
+    }
+    let is_sse = names_sse_route(&head);
+    let stream = Replay::new(head, tls);
+    if is_sse {
+        return serve_sse(&hub, stream, &ctx).await;
+    }
+    serve_hyper(hub, stream, tracker, ctx).await;
+}
+
+/// Serves HTTP/1.1 on a connection with hyper, until it ends, upgrades or shutdown.
+async fn serve_hyper<S>(hub: Arc<Hub>, stream: S, tracker: TaskTracker, ctx: RequestContext)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let in_progress = Arc::new(InProgress::default());
     let heads = Arc::new(parking_lot::Mutex::new(RequestHeads::default()));
     let request_timeout = hub.config().request_timeout;
@@ -312,14 +406,61 @@ async fn serve_http(
 /// Takes an upgraded connection's socket back from hyper: the bytes hyper had read past the
 /// request are copied out (so hyper's buffer is freed), and the socket leaves tokio's
 /// reactor, still non-blocking, for a shard's.
-fn reclaim(upgraded: hyper::upgrade::Upgraded) -> io::Result<(std::net::TcpStream, Vec<u8>)> {
+fn reclaim(upgraded: hyper::upgrade::Upgraded) -> io::Result<Reclaimed> {
     let parts = upgraded
         .downcast::<TokioIo<Sniffed<TcpStream>>>()
         .map_err(|_| io::Error::other("the upgraded connection is not a TcpStream"))?;
     let leftover = parts.read_buf.to_vec();
     drop(parts.read_buf);
     let stream = parts.io.into_inner().into_inner().into_std()?;
-    Ok((stream, leftover))
+    Ok(Reclaimed {
+        stream,
+        tls: None,
+        leftover,
+    })
+}
+
+/// [`reclaim`] for a TLS connection: the socket and the userspace `ServerConnection`, with
+/// the plaintext hyper (or the replay) had read past the request.
+fn reclaim_tls(upgraded: hyper::upgrade::Upgraded) -> io::Result<Reclaimed> {
+    let parts = upgraded
+        .downcast::<TokioIo<Sniffed<TlsConn>>>()
+        .map_err(|_| io::Error::other("the upgraded connection is not a TLS stream"))?;
+    let mut leftover = parts.read_buf.to_vec();
+    drop(parts.read_buf);
+    let mut reclaimed = parts.io.into_inner().into_inner().into_shard()?;
+    // hyper read from the replay first, so what it did not replay comes after.
+    leftover.append(&mut reclaimed.leftover);
+    reclaimed.leftover = leftover;
+    Ok(reclaimed)
+}
+
+/// A connection a shard can take over: its socket, out of tokio's reactor, and on TLS its
+/// record layer and the plaintext read ahead and not yet replayed.
+trait IntoShard {
+    fn into_shard(self) -> io::Result<Reclaimed>;
+}
+
+impl IntoShard for TcpStream {
+    fn into_shard(self) -> io::Result<Reclaimed> {
+        Ok(Reclaimed {
+            stream: self.into_std()?,
+            tls: None,
+            leftover: Vec::new(),
+        })
+    }
+}
+
+impl IntoShard for TlsConn {
+    fn into_shard(self) -> io::Result<Reclaimed> {
+        let (leftover, tls) = self.into_parts();
+        let (stream, conn) = tls.into_inner();
+        Ok(Reclaimed {
+            stream: stream.into_std()?,
+            tls: Some(Box::new(conn)),
+            leftover,
+        })
+    }
 }
 
 /// Room to see a first request line in: enough for the longest SSE route's path.
@@ -335,19 +476,28 @@ async fn first_request_is_sse(stream: &TcpStream, timeout: Duration) -> Option<b
         Ok(_) => return Some(false),
         Err(_) => return None,
     };
-    let Some(rest) = buf[..n].strip_prefix(b"GET ") else {
-        return Some(false);
+    Some(names_sse_route(&buf[..n]))
+}
+
+/// Whether `head`, a connection's first bytes, starts with a request line naming an SSE
+/// route.
+fn names_sse_route(head: &[u8]) -> bool {
+    let Some(rest) = head.strip_prefix(b"GET ") else {
+        return false;
     };
     let Some(end) = rest.iter().position(|&b| b == b' ') else {
-        return Some(false);
+        return false;
     };
-    Some(std::str::from_utf8(&rest[..end]).is_ok_and(sse::is_sse_path))
+    std::str::from_utf8(&rest[..end]).is_ok_and(sse::is_sse_path)
 }
 
 /// Serves a connection whose first request is an SSE stream, without hyper: reads its head
 /// (within `handshake_timeout` and `MAX_SSE_HEAD`), checks it, writes the `200` head and
 /// hands the socket to a shard; or writes the refusal and closes.
-async fn serve_sse(hub: &Arc<Hub>, mut stream: TcpStream, ctx: &RequestContext) {
+async fn serve_sse<S>(hub: &Arc<Hub>, mut stream: S, ctx: &RequestContext)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + IntoShard,
+{
     let timeout = hub.config().handshake_timeout;
     let read = tokio::select! {
         read = tokio::time::timeout(timeout, read_head(&mut stream)) => read,
@@ -384,8 +534,10 @@ async fn serve_sse(hub: &Arc<Hub>, mut stream: TcpStream, ctx: &RequestContext) 
         hub.release_unused();
         return;
     }
-    match stream.into_std() {
-        Ok(stream) => hub.register(stream, Vec::new(), Open::Sse(open), slot),
+    match stream.into_shard() {
+        // Bytes after the head are no request: as on plain TCP, the shard ends a stream
+        // whose client sends anything more, so they are not handed on.
+        Ok(taken) => hub.register(taken.stream, taken.tls, Vec::new(), Open::Sse(open), slot),
         Err(e) => {
             tracing::debug!(error = %e, "cannot take the socket back");
             hub.release_unused();
@@ -395,7 +547,7 @@ async fn serve_sse(hub: &Arc<Hub>, mut stream: TcpStream, ctx: &RequestContext) 
 
 /// Reads and parses one request head; a refusal says why it could not be.
 async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<(http::Method, http::Uri, http::HeaderMap), Refusal> {
     let mut buf = Vec::with_capacity(1024);
     loop {
@@ -451,7 +603,10 @@ async fn read_head(
 }
 
 /// Writes a refusal made before hyper and closes the connection.
-async fn write_refusal(mut stream: TcpStream, response: Response<Full<Bytes>>) {
+async fn write_refusal(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    response: Response<Full<Bytes>>,
+) {
     use http_body_util::BodyExt;
     let (parts, body) = closing(response).into_parts();
     let body = body

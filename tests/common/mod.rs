@@ -180,7 +180,7 @@ pub fn tidings_command() -> tokio::process::Command {
 }
 
 /// Starts `command` (a `tidings serve`) and reads the address from its first line,
-/// `tidings listening on http://ADDR`.
+/// `tidings listening on http://ADDR` (or `https://` with TLS).
 pub async fn tidings_serving(
     mut command: tokio::process::Command,
 ) -> (tokio::process::Child, SocketAddr) {
@@ -197,6 +197,7 @@ pub async fn tidings_serving(
         .expect("tidings exited before listening");
     let addr = line
         .strip_prefix("tidings listening on http://")
+        .or_else(|| line.strip_prefix("tidings listening on https://"))
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
         .expect("a socket address");
