@@ -23,7 +23,7 @@ async fn publish_n(addr: std::net::SocketAddr, topic: &str, n: usize) -> Vec<u64
 async fn a_single_topic_stream_carries_events_with_their_version_as_id() {
     let gw = TestGateway::start_default().await;
     let mut sse = SseClient::open(gw.addr, "/v1/topics/runs:1/sse", &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     publish_ok(gw.addr, "runs:1", br#"{"status":"running"}"#).await;
     let message = sse.next_message().await;
@@ -37,7 +37,7 @@ async fn a_single_topic_stream_carries_events_with_their_version_as_id() {
 async fn a_payload_with_newlines_arrives_intact() {
     let gw = TestGateway::start_default().await;
     let mut sse = SseClient::open(gw.addr, "/v1/topics/t/sse", &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     let body = b"{\n  \"a\": \"x\",\r\n  \"b\": [1,\r2]\n}";
     publish_ok(gw.addr, "t", body).await;
@@ -55,7 +55,7 @@ async fn last_event_id_resumes_three_topics_exactly() {
     let gw = TestGateway::start_default().await;
     let path = "/v1/sse?topics=a,b,c";
     let mut sse = SseClient::open(gw.addr, path, &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     for topic in ["a", "b", "c"] {
         publish_ok(gw.addr, topic, b"{\"before\":true}").await;
@@ -95,7 +95,7 @@ async fn last_event_id_resumes_three_topics_exactly() {
 async fn last_event_id_of_a_single_topic_stream_is_the_websocket_since() {
     let gw = TestGateway::start_default().await;
     let mut sse = SseClient::open(gw.addr, "/v1/topics/jobs:7/sse", &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     publish_n(gw.addr, "jobs:7", 3).await;
     sse.next_events(3).await;
@@ -118,7 +118,7 @@ async fn a_pattern_stream_dropped_mid_way_gets_exactly_what_it_missed() {
     let gw = TestGateway::start_default().await;
     let path = "/v1/sse?patterns=w:**";
     let mut sse = SseClient::open(gw.addr, path, &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     publish_ok(gw.addr, "w:a", b"{}").await;
     assert_eq!(sse.next_events(1).await, vec![("w:a".into(), 1)]);
@@ -187,7 +187,7 @@ async fn a_filter_applies_as_on_websocket() {
     let filter = "%7B%22status%22%3A%5B%22done%22%5D%7D"; // {"status":["done"]}
     let path = format!("/v1/sse?topics=f&filter={filter}");
     let mut sse = SseClient::open(gw.addr, &path, &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     publish_ok(gw.addr, "f", br#"{"status":"running"}"#).await;
     publish_ok(gw.addr, "f", br#"{"status":"done"}"#).await;
@@ -365,7 +365,7 @@ async fn a_slow_sse_consumer_is_told_where_to_resume() {
 async fn shutdown_ends_streams_after_what_was_accepted() {
     let gw = TestGateway::start_default().await;
     let mut sse = SseClient::open(gw.addr, "/v1/topics/t/sse", &[]).await;
-    // Live once its retry hint arrives: the shard writes it after subscribing.
+    // Live once its retry hint arrives (the shard writes it as it subscribes the stream).
     sse.live().await;
     publish_n(gw.addr, "t", 5).await;
     let shutdown = tokio::spawn(gw.shutdown());

@@ -320,6 +320,19 @@ pub(super) fn subscribe(
                 .push(error_frame(e.code(), &e.to_string(), req.id.as_ref())),
         }
     }
+    // Counted (and followed) before any history is read for them: a publication of a
+    // matching topic with no direct subscriber is handed to the shards only while some
+    // pattern is counted, so one published after the replay's read and before the count
+    // would reach this stream neither way. One both replayed and handed off is
+    // delivered once (the SSE cursor drops what it already wrote).
+    for p in &new_patterns {
+        shared
+            .patterns
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(interest) = &shared.interest {
+            interest.follow_pattern(p);
+        }
+    }
     if let Some(base_ms) = base_ms
         && !new_patterns.is_empty()
     {
@@ -334,12 +347,6 @@ pub(super) fn subscribe(
         );
     }
     for p in new_patterns {
-        shared
-            .patterns
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if let Some(interest) = &shared.interest {
-            interest.follow_pattern(&p);
-        }
         index.add_pattern(
             &p,
             Sub {
