@@ -232,14 +232,7 @@ pub fn run(target: &mut Target, plan: &FloodPlan, opts: &ClientOpts) -> Result<F
     let mut workers = Workers::spawn(&run::specs(target, &flood_plan, opts))?;
     let mut control = Workers::spawn(&run::specs(target, &control_plan, &control_opts))?;
     connect_all(&mut control, target, "the control subscriber")?;
-    while !workers.all_ready() {
-        workers.poll_until(Instant::now() + Duration::from_millis(100))?;
-        let p = workers.progress();
-        pb.set_position(p.subscribed + p.failed);
-        if !target.alive() {
-            return Err(format!("{} exited while connecting", target.label).into());
-        }
-    }
+    run::connect_showing(&mut workers, target, &pb)?;
     pb.finish_and_clear();
     let mut peak = None;
     let settle_end = Instant::now() + opts.settle;

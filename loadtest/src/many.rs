@@ -160,14 +160,7 @@ pub fn run(target: &mut Target, plan: &ManyPlan, opts: &ClientOpts) -> Result<Ma
     };
     let mut workers = Workers::spawn(&run::specs(target, &subs, opts))?;
     let pb = run::bar(opts.progress, subs.conns as u64, "connecting");
-    while !workers.all_ready() {
-        workers.poll_until(Instant::now() + Duration::from_millis(100))?;
-        let p = workers.progress();
-        pb.set_position(p.subscribed + p.failed);
-        if !target.alive() {
-            return Err(format!("{} exited while connecting", target.label).into());
-        }
-    }
+    run::connect_showing(&mut workers, target, &pb)?;
     pb.finish_and_clear();
     let mut data = ManyData::default();
     workers.poll_until(Instant::now() + opts.settle)?;

@@ -139,6 +139,25 @@ pub(crate) fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// Waits until every worker has opened its connections, showing them on `pb`; fails if
+/// the server exits meanwhile.
+pub(crate) fn connect_showing(
+    workers: &mut Workers,
+    target: &mut Target,
+    pb: &ProgressBar,
+) -> Result<()> {
+    while !workers.all_ready() {
+        workers.poll_until(Instant::now() + Duration::from_millis(100))?;
+        let p = workers.progress();
+        pb.set_position(p.subscribed + p.failed);
+        pb.set_message(format!("{} failed", p.failed));
+        if !target.alive() {
+            return Err(format!("{} exited while connecting", target.label).into());
+        }
+    }
+    Ok(())
+}
+
 /// The worker processes' specs for `plan`: connections split evenly, each process
 /// within the per-process open-file budget.
 pub(crate) fn specs(target: &Target, plan: &Plan, opts: &ClientOpts) -> Vec<WorkerSpec> {
@@ -232,15 +251,7 @@ pub fn run(target: &mut Target, plan: &Plan, opts: &ClientOpts) -> Result<RunDat
     let mut workers = Workers::spawn(&specs(target, plan, opts))?;
 
     let pb = bar(opts.progress, plan.conns as u64, "connecting");
-    while !workers.all_ready() {
-        workers.poll_until(Instant::now() + Duration::from_millis(100))?;
-        let p = workers.progress();
-        pb.set_position(p.subscribed + p.failed);
-        pb.set_message(format!("{} failed", p.failed));
-        if !target.alive() {
-            return Err(format!("{} exited while connecting", target.label).into());
-        }
-    }
+    connect_showing(&mut workers, target, &pb)?;
     pb.finish_and_clear();
     let mut peak = None;
     wait(&mut workers, target, opts.settle, &mut peak)?;
